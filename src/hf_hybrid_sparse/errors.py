@@ -1,0 +1,25 @@
+"""Errors raised by hf-hybrid-sparse; all derive from :class:`HybridSparseError` (a ``ValueError``)."""
+
+
+class HybridSparseError(ValueError):
+    """Base class: bad input or a state the package cannot work with."""
+
+
+class ConfigError(HybridSparseError):
+    """An inconsistent :class:`~hf_hybrid_sparse.HybridSparseConfig`."""
+
+
+class ModelStructureError(HybridSparseError):
+    """The model cannot be pruned as asked (not causal, no blocks, shapes that do not tile)."""
+
+
+class CalibrationError(HybridSparseError):
+    """Calibration data that is missing, empty or too short."""
+
+
+class TierMapError(HybridSparseError):
+    """A previous tier map of the wrong shape, or one that would move a block to a denser tier."""
+
+
+class PruningError(HybridSparseError):
+    """A failure while pruning one block; the message names the block and the module."""

@@ -1,0 +1,25 @@
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (dequantised GGUF) and its tokenizer, loaded once per session."""
+    from hf_hybrid_sparse.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    return model, tokenizer
+
+
+@pytest.fixture
+def smollm2_copy(smollm2):
+    """A private deep copy of the embedded model (tests may prune it)."""
+    model, tokenizer = smollm2
+    return copy.deepcopy(model), tokenizer
