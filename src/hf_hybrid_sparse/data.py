@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,11 @@ def offline_corpus_file() -> Path:
 
 
 def load_offline_corpus(split: str = "train") -> list[str]:
-    """Article summaries of the offline corpus, sorted by title.
+    """Article summaries of the offline corpus.
 
-    Split rule: every 10th article (index % 10 == 9) is ``"test"``, the rest ``"train"``, so
-    calibration and evaluation never share text.
+    Split rule: sorted by title, every 10th article (index % 10 == 9) is ``"test"``, the rest
+    ``"train"``, so calibration and evaluation never share text. Each split is then put in a fixed
+    pseudo-random order (``random.Random(0)``) so that any prefix of it spans all topics.
     """
     if split not in ("train", "test"):
         raise CalibrationError(f"split {split!r}: choose 'train' or 'test'.")
@@ -64,7 +66,9 @@ def load_offline_corpus(split: str = "train") -> list[str]:
     items = sorted(raw.values(), key=lambda item: item.get("title", "")) if isinstance(raw, dict) else raw
     texts = [str(item.get("extract", "")).strip() for item in items]
     want_test = split == "test"
-    return [t for i, t in enumerate(texts) if t and ((i % 10 == 9) == want_test)]
+    chosen = [t for i, t in enumerate(texts) if t and ((i % 10 == 9) == want_test)]
+    random.Random(0).shuffle(chosen)
+    return chosen
 
 
 for _alias in OFFLINE_ALIASES:
@@ -139,20 +143,16 @@ def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]
 def tokenize_joined(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of ``"\\n\\n".join(texts)`` without special tokens (1-D LongTensor).
 
-    With ``max_tokens``, texts are added only until roughly that many tokens are reached (cheap on
-    large corpora; the cut is deterministic).
+    With ``max_tokens``, the joined text is first cut to ``6 * max_tokens + 1000`` characters (cheap on
+    large corpora; deterministic).
     """
+    joined = "\n\n".join(texts)
     if max_tokens is not None:
-        # ~4 characters per token for English; take a generous margin, then check
-        budget = max_tokens * 6 + 1000
-        chosen, size = [], 0
-        for t in texts:
-            chosen.append(t)
-            size += len(t) + 2
-            if size >= budget:
-                break
-        texts = chosen
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        # English averages ~4 characters per token: a 6x margin keeps every window available while
+        # never tokenizing megabytes for a few samples; cutting the joined string keeps the rule
+        # identical for one long text and for many short ones
+        joined = joined[: max_tokens * 6 + 1000]
+    ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_hybrid_sparse.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, smollm2):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a normal HF folder."""
+    _, tok = smollm2
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_prune_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_checkpoint),
+            "--method",
+            "wanda",
+            "--pattern",
+            "hybrid",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--eval_seqlen",
+            "64",
+            "--eval_windows",
+            "2",
+            "--save",
+            str(out),
+            "--report_json",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity before:" in printed and "perplexity after:" in printed and "**total**" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["perplexity_before"] > 0 and report["perplexity_after"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    w = reloaded.model.layers[1].mlp.down_proj.weight
+    assert abs((w == 0).float().mean().item() - report["sparsity"]) < 0.01
+    assert (out / "hybrid_sparse_report.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned.tmp")]
+
+
+def test_prune_command_rejects_bad_recipe_before_loading(capsys):
+    code = main(["prune", "--model", "/does/not/exist", "--tier_ratios", "0.5,0.5,0.5"])
+    assert code == 2
+    assert "sum to 1.5" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "usage: hf-hybrid-sparse" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    res = subprocess.run(
+        [sys.executable, "-m", "hf_hybrid_sparse.cli", "prune", "--help"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "--tier_ratios" in res.stdout and "--method" in res.stdout
+
+
+def test_example_prune_any_architecture_runs():
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "prune_any_architecture.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln for ln in res.stdout.splitlines() if "sparse" in ln]
+    assert len(lines) == 4 and all("tier maps" in ln for ln in lines)
