@@ -71,3 +71,22 @@ def test_sparsegpt_reconstructs_better_than_wanda_on_real_activations(smollm2):
                 assert (res.weight[~res.mask] == 0).all()
                 errs[method] = (x @ res.weight.t() - ref).pow(2).sum().item()
             assert errs["sparsegpt"] < 0.9 * errs["wanda"], (pattern, errs)
+
+
+def test_embedded_model_round_trip_keeps_state_and_perplexity(smollm2_copy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_hybrid_sparse import sparsity_masks, tier_maps
+
+    model, tok = smollm2_copy
+    apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude", pattern="hybrid"))
+    model.save_pretrained(tmp_path / "m", max_shard_size="200MB")
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) >= 2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    a, b = sparsity_masks(model), sparsity_masks(loaded)
+    assert len(a) == 30 * 7 and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, tier_maps(loaded)[k]) for k, v in tier_maps(model).items())
+    ids = get_calibration_samples("wiki_offline", tok, 2, 128, seed=11)
+    p1 = perplexity(model, tok, ids, seqlen=128).perplexity
+    p2 = perplexity(loaded, tok, ids, seqlen=128).perplexity
+    assert p1 == p2

@@ -12,15 +12,23 @@ from .errors import (
 )
 from .evaluation import perplexity
 from .patterns import DENSE, NM, TOPK
+from .quantizer import HybridSparseHfQuantizer
+from .quantizer import register as _register_quantizer
 from .report import SparsityReport
+from .serialization import StorageError
 from .state import ParamSparsity, get_state, iter_sparse_params
+from .storage import save_pretrained
 
 __version__ = "0.1.0"
 
 register()
+_register_quantizer()
 
 __all__ = [
     "HybridSparseConfig",
+    "HybridSparseHfQuantizer",
+    "StorageError",
+    "save_pretrained",
     "apply_hybrid_sparsity",
     "sparsity_masks",
     "tier_maps",

@@ -98,13 +98,7 @@ def capture_block_inputs(
             if index == 0:
                 captured.hidden.append(hidden.detach().to(store_device) if store_device else hidden.detach())
             if "out" not in structure:
-                with torch.no_grad():
-                    real = (
-                        original(*args, hidden_states=hidden, **kwargs)
-                        if in_kwargs
-                        else original(hidden, *args, **kwargs)
-                    )
-                structure["out"] = None if isinstance(real, torch.Tensor) else len(real)
+                structure["out"] = _probe_output_structure(block, original, hidden, args, kwargs, in_kwargs)
             if index == n_blocks - 1:
                 raise _StopForward
             if structure["out"] is None:
@@ -134,6 +128,25 @@ def capture_block_inputs(
     if len(captured.hidden) != len(batches):
         raise RuntimeError("The model did not call its first decoder block for every calibration batch.")
     return captured
+
+
+def _probe_output_structure(block, original, hidden, args, kwargs, in_kwargs) -> int | None:
+    """Run the real block once: ``None`` if it returns a tensor, else the length of its tuple."""
+    home = next((p.device for p in block.parameters() if p.device.type != "meta"), None)
+    move = home is not None and home != hidden.device and getattr(block, "_hf_hook", None) is None
+    if move:  # the block waits on another device (e.g. CPU while pruning runs on a GPU)
+        block.to(hidden.device)
+    try:
+        with torch.no_grad():
+            real = (
+                original(*args, hidden_states=hidden, **kwargs)
+                if in_kwargs
+                else original(hidden, *args, **kwargs)
+            )
+    finally:
+        if move:
+            block.to(home)
+    return None if isinstance(real, torch.Tensor) else len(real)
 
 
 def _input_device(model: nn.Module) -> torch.device:

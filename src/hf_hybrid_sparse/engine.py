@@ -24,6 +24,7 @@ from .errors import ModelStructureError, PruningError
 from .offload import is_offloaded, onloaded, write_param
 from .patterns import TIER_NAMES
 from .pruning import check_previous_tiers, prune_matrix, shape_problem
+from .quantizer import attach
 from .report import ModuleReport, SparsityReport
 from .scoring import InputStats
 from .state import ParamSparsity, get_state, set_param_state
@@ -284,6 +285,10 @@ def apply_hybrid_sparsity(
         _sequential(model, config, calib_dataset, tokenizer, blocks_path, blocks, plan, previous, report)
     for name, why in skipped.items():
         report.modules.append(ModuleReport(name=name, shape=(), numel=0, pruned=0, skipped=why))
+    if not attach(model, config):
+        logger.warning(
+            "The model is quantized by another method: its sparsity state will not be saved with it."
+        )
     report.seconds = time.perf_counter() - start
     logger.info(
         f"Pruned {len(report.modules)} weights to {report.sparsity:.2%} sparsity in {report.seconds:.1f} s"

@@ -1,47 +1,87 @@
-"""Saving a pruned model atomically: write into a temporary sibling folder, then rename it into place."""
+"""Saving pruned models atomically, and reading a saved model's sparsity metadata without its weights."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 REPORT_FILE = "hybrid_sparse_report.json"
+# files a save_pretrained call owns: replaced wholesale, never carried over from an older save
+_MODEL_FILES = re.compile(
+    r"^(model|pytorch_model|adapter_model)(-\d{5}-of-\d{5})?(\.[\w-]+)?\.(safetensors|bin)(\.index\.json)?$"
+    r"|^(config|generation_config)\.json$"
+)
 
 
-def save_pruned(
-    model: Any, save_directory: str | os.PathLike, tokenizer: Any = None, report: dict | None = None
-) -> Path:
-    """Save ``model`` (pruned weights are zeros), its tokenizer and the pruning report to ``save_directory``.
+def save_pretrained(model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """``model.save_pretrained`` that leaves either the complete new folder or the old one, never a mix.
 
-    The folder appears complete or not at all: everything is written to a temporary folder next to
-    it, which replaces ``save_directory`` only after every file is written. An existing folder is
-    moved aside first and removed only after the new one is in place.
+    Everything is written to a temporary sibling folder, which is renamed into place once complete.
+    Files in an existing folder that the save does not own (e.g. a Trainer's optimizer state) are moved
+    into the new folder first; the old model files are dropped with the old folder.
     """
     target = Path(save_directory).resolve()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the saved model should look like any other folder
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            with open(tmp / REPORT_FILE, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2)
-        backup = None
-        if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, backup / target.name)
-        os.replace(tmp, target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        type(model).save_pretrained(model, tmp, **kwargs)
+        _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    backup = None
+    if target.exists():
+        for entry in target.iterdir():
+            if not (tmp / entry.name).exists() and not _MODEL_FILES.match(entry.name):
+                os.replace(entry, tmp / entry.name)
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, backup / target.name)
+    os.replace(tmp, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_pruned(
+    model: Any, save_directory: str | os.PathLike, tokenizer: Any = None, report: dict | None = None
+) -> Path:
+    """Save ``model`` (with its sparsity state), its tokenizer and the pruning report, atomically."""
+    target = Path(save_directory).resolve()
+    staging = Path(
+        tempfile.mkdtemp(
+            prefix=f".{target.name}.extra-", dir=target.parent if target.parent.exists() else None
+        )
+    )
+    try:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            with open(staging / REPORT_FILE, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            type(model).save_pretrained(model, tmp)
+            for entry in staging.iterdir():
+                os.replace(entry, tmp / entry.name)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            _swap_into_place(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target

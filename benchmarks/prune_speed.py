@@ -1,0 +1,168 @@
+"""Wall time and peak memory of pruning, against a one-sample-at-a-time loop and the compute floor.
+
+    python benchmarks/prune_speed.py --model smollm2 --nsamples 32 --seqlen 512            # CPU
+    python benchmarks/prune_speed.py --model llama2-7b-shape --nsamples 128 --seqlen 2048  # CUDA GPU
+
+Variants, each in a fresh subprocess on a fresh model (so peak memory is its own):
+  floor       two bare forward passes of the calibration batches through every block (no hooks,
+              no pruning): the least any sequential engine can do;
+  one-sample  Wanda unstructured 50% through the engine with batch_size=1 (one sample per forward,
+              like the original Wanda code);
+  wanda       Wanda unstructured 50%, batched;
+  hybrid      Wanda hybrid (0.35, 0.45, 0.20);
+  sparsegpt   SparseGPT unstructured 50%, batched.
+Ratios are against `floor` and `wanda` measured in the same run. Peak memory: GPU
+max_memory_allocated on CUDA; on CPU the growth of the process's peak RSS over the loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+VARIANTS = ["floor", "one-sample", "wanda", "hybrid", "sparsegpt"]
+
+
+def _load(name: str, device: str):
+    if name == "smollm2":
+        from hf_hybrid_sparse.models import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer()
+        vocab = model.config.vocab_size
+    else:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        shapes = {
+            "llama2-7b-shape": dict(
+                hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+            ),
+            "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        }[name]
+        cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shapes)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02, generator=gen)
+        vocab = cfg.vocab_size
+    return model.eval(), vocab
+
+
+def run_variant(args) -> dict:
+    from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity
+
+    model, vocab = _load(args.model, args.device)
+    on_gpu = args.device.startswith("cuda")
+    tokens = torch.randint(0, vocab, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    if on_gpu:
+        # model stays on the CPU; only the block being pruned goes to the GPU (config.device)
+        model.get_input_embeddings().to(args.device)
+        for name in ("rotary_emb",):
+            sub = getattr(model.model, name, None)
+            if sub is not None:
+                sub.to(args.device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if not on_gpu:  # warm up kernels and thread pools outside the timed region
+        with torch.no_grad():
+            model(input_ids=tokens[:1, :8], use_cache=False)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = dict(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device)
+    start = time.perf_counter()
+    if args.variant == "floor":
+        from hf_hybrid_sparse.capture import capture_block_inputs
+        from hf_hybrid_sparse.discovery import find_decoder_blocks
+
+        _, blocks = find_decoder_blocks(model)
+        dev = torch.device(args.device)
+        captured = capture_block_inputs(model, blocks, list(torch.split(tokens, args.batch_size)), dev, dev)
+        hidden = captured.hidden
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                block.to(dev)
+                for b, h in enumerate(hidden):
+                    captured.calls[i][b].call(block, h)
+                hidden = [captured.calls[i][b].call(block, h) for b, h in enumerate(hidden)]
+                block.to("cpu")
+    else:
+        cfg = {
+            "one-sample": dict(method="wanda", pattern="unstructured", batch_size=1),
+            "wanda": dict(method="wanda", pattern="unstructured"),
+            "hybrid": dict(method="wanda", pattern="hybrid"),
+            "sparsegpt": dict(method="sparsegpt", pattern="unstructured"),
+        }[args.variant]
+        apply_hybrid_sparsity(model, HybridSparseConfig(**(base | cfg)), tokens)
+    if on_gpu:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if on_gpu
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    )
+    return {"variant": args.variant, "seconds": seconds, "peak_mib": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama2-7b-shape", "tiny"])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variant", choices=VARIANTS)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k}={v}"
+            for k, v in vars(args).items()
+            if k not in ("variant", "variants", "json") and v is not None
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not line:
+            raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        results[variant] = json.loads(line[0][7:])
+        print(
+            f"{variant}: {results[variant]['seconds']:.2f} s, peak {results[variant]['peak_mib']:.0f} MiB",
+            flush=True,
+        )
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    floor = results.get("floor", {}).get("seconds")
+    wanda = results.get("wanda", {}).get("seconds")
+    print(
+        f"\n{args.model}, {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, {device}, torch {torch.__version__}\n"
+    )
+    print("| variant | seconds | x floor | x wanda | peak MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for v, r in results.items():
+        xf = f"{r['seconds'] / floor:.2f}" if floor else ""
+        xw = f"{r['seconds'] / wanda:.2f}" if wanda else ""
+        print(f"| {v} | {r['seconds']:.2f} | {xf} | {xw} | {r['peak_mib']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device, "args": vars(args), "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

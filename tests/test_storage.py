@@ -1,0 +1,301 @@
+"""Save -> load keeps masks, tier maps and recipe; corrupted checkpoints are rejected; saves are atomic."""
+
+import contextlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_models import FAMILIES, random_tokens, tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_hybrid_sparse import (
+    HybridSparseConfig,
+    StorageError,
+    apply_hybrid_sparsity,
+    save_pretrained,
+    sparsity_masks,
+    tier_maps,
+)
+from hf_hybrid_sparse.serialization import (
+    decode_tier_map,
+    encode_tier_map,
+    pack_bits,
+    parse_metadata,
+    unpack_bits,
+)
+
+
+def _pruned(family="llama", **kw):
+    model = tiny_model(family)
+    cfg = HybridSparseConfig(nsamples=4, seqlen=32, **kw)
+    apply_hybrid_sparsity(model, cfg, random_tokens(4, 32))
+    return model
+
+
+def _assert_same_state(a, b):
+    ma, mb = sparsity_masks(a), sparsity_masks(b)
+    assert ma.keys() == mb.keys() and ma
+    for k in ma:
+        assert torch.equal(ma[k].cpu(), mb[k].cpu()), k
+    ta, tb = tier_maps(a), tier_maps(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert (
+        a.config.quantization_config.to_dict()
+        == HybridSparseConfig.from_dict(b.config.quantization_config.to_dict()).to_dict()
+    )
+
+
+def test_pack_unpack_bits_round_trip():
+    for shape in [(3, 5), (16, 16), (2, 7, 9), (1, 1)]:
+        mask = torch.rand(shape) > 0.5
+        assert torch.equal(unpack_bits(pack_bits(mask), shape), mask)
+    t = torch.randint(0, 3, (5, 7), dtype=torch.int8)
+    assert torch.equal(decode_tier_map(encode_tier_map(t), "x"), t)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_every_family(tmp_path, family):
+    model = _pruned(family)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    _assert_same_state(model, loaded)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_round_trip_sharded_and_other_patterns(tmp_path, pattern):
+    model = _pruned("qwen2", pattern=pattern, method="sparsegpt")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    _assert_same_state(model, loaded)
+    # every shard header describes the whole model
+    for shard in shards:
+        with safe_open(str(tmp_path / shard), "pt") as fh:
+            assert len(parse_metadata(fh.metadata()["hybrid_sparse"])["modules"]) == 14
+
+
+def test_dtype_change_round_trip(tmp_path):
+    model = _pruned("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    _assert_same_state(model, loaded)
+    loaded32 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert sparsity_masks(loaded32).keys() == sparsity_masks(model).keys()
+
+
+def test_plain_transformers_loads_a_working_dense_model(tmp_path):
+    model = _pruned("llama")
+    model.save_pretrained(tmp_path / "m")
+    probe = random_tokens(1, 12, seed=9)
+    with torch.no_grad():
+        expected = model(input_ids=probe).logits
+    torch.save({"probe": probe, "expected": expected}, tmp_path / "probe.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r})
+        assert "hf_hybrid_sparse" not in sys.modules
+        d = torch.load({str(tmp_path / "probe.pt")!r})
+        with torch.no_grad():
+            got = m(input_ids=d["probe"]).logits
+        assert torch.allclose(got, d["expected"], atol=1e-5), (got - d["expected"]).abs().max()
+        print("OK", float((m.model.layers[0].mlp.down_proj.weight == 0).float().mean()))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("OK") and float(res.stdout.split()[1]) > 0.3
+
+
+def _rewrite(path, tensors=None, metadata=None):
+    with safe_open(str(path), "pt") as fh:
+        data = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        meta = dict(fh.metadata())
+    if tensors:
+        data.update(tensors)
+    if metadata:
+        meta.update(metadata)
+    save_file(data, str(path), metadata=meta)
+
+
+def _doc(path):
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()["hybrid_sparse"])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _pruned("llama")
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_truncated_file_is_rejected(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(Exception, match=r"(?i)safetensors|incomplete|truncat|invalid|header"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(format_version=99), "format version 99 is not supported"),
+        (
+            lambda d: d["modules"]["model.layers.0.self_attn.q_proj.weight"].update(shape=[64, 32]),
+            "tier map shape|shape",
+        ),
+        (
+            lambda d: d["modules"]["model.layers.1.mlp.up_proj.weight"]["tier_map"].update(data="////" * 32),
+            "out of range|holds",
+        ),
+        (
+            lambda d: (
+                d["modules"].pop("model.layers.1.mlp.up_proj.weight")
+                and d["modules"].update(
+                    {"model.layers.9.mlp.up_proj.weight": d["modules"]["model.layers.0.mlp.up_proj.weight"]}
+                )
+            ),
+            "does not have",
+        ),
+    ],
+)
+def test_edited_metadata_is_rejected_naming_the_problem(saved, edit, message):
+    doc = _doc(saved / "model.safetensors")
+    edit(doc)
+    _rewrite(saved / "model.safetensors", metadata={"hybrid_sparse": json.dumps(doc)})
+    with pytest.raises(StorageError, match=message):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_tier_code_out_of_range_is_rejected(saved):
+    doc = _doc(saved / "model.safetensors")
+    entry = doc["modules"]["model.layers.0.mlp.down_proj.weight"]
+    codes = torch.full(tuple(entry["tier_map"]["shape"]), 3, dtype=torch.int8)
+    entry["tier_map"] = encode_tier_map(codes)
+    _rewrite(saved / "model.safetensors", metadata={"hybrid_sparse": json.dumps(doc)})
+    with pytest.raises(
+        StorageError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: tier code 3 is out of range"
+    ):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_mask_weight_disagreement_is_rejected(saved):
+    with safe_open(str(saved / "model.safetensors"), "pt") as fh:
+        w = fh.get_tensor("model.layers.1.self_attn.o_proj.weight")
+    w[w == 0] = 0.5
+    _rewrite(saved / "model.safetensors", tensors={"model.layers.1.self_attn.o_proj.weight": w})
+    with pytest.raises(
+        StorageError,
+        match=r"model\.layers\.1\.self_attn\.o_proj\.weight: \d+ weights that the mask prunes are not zero",
+    ):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_missing_metadata_is_rejected(saved):
+    with safe_open(str(saved / "model.safetensors"), "pt") as fh:
+        data = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    save_file(data, str(saved / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StorageError, match="no 'hybrid_sparse' metadata"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+            lambda children: (
+                st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+            ),
+            max_leaves=20,
+        ).map(json.dumps),
+    )
+)
+def test_fuzzed_metadata_only_raises_storage_error(text):
+    with contextlib.suppress(StorageError):
+        parse_metadata(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(
+        ["shape", "transposed", "pattern", "block_size", "numel", "kept", "mask", "tier_map", "nm"]
+    ),
+    value=st.one_of(
+        st.none(),
+        st.integers(-5, 10**12),
+        st.text(max_size=6),
+        st.lists(st.integers(-3, 70), max_size=5),
+        st.dictionaries(
+            st.sampled_from(["shape", "data"]),
+            st.one_of(st.text(max_size=8), st.lists(st.integers(-2, 9), max_size=3)),
+        ),
+    ),
+)
+def test_fuzzed_module_entries_only_raise_storage_error(field, value):
+    good = {
+        "shape": [32, 32],
+        "transposed": False,
+        "pattern": "hybrid",
+        "method": "wanda",
+        "block_size": 16,
+        "nm": "2:4",
+        "topk_per_block": 15,
+        "numel": 1024,
+        "kept": 500,
+        "mask": "hybrid_sparse_mask.00000",
+        "tier_map": encode_tier_map(torch.zeros(2, 2, dtype=torch.int8)),
+    }
+    assert parse_metadata(json.dumps({"format_version": 1, "recipe": {}, "modules": {"a.weight": good}}))
+    good[field] = value
+    doc = json.dumps({"format_version": 1, "recipe": {}, "modules": {"a.weight": good}})
+    with contextlib.suppress(StorageError):
+        parse_metadata(doc)
+
+
+def test_interrupted_save_leaves_old_folder_or_nothing(tmp_path, monkeypatch):
+    model = _pruned("llama")
+    target = tmp_path / "out"
+    real = type(model).save_pretrained
+
+    def dying(self, directory, **kw):
+        real(self, directory, **kw)
+        with open(f"{directory}/model.safetensors", "r+b") as fh:  # half-written weights, then the kill
+            fh.truncate(1000)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(type(model), "save_pretrained", dying)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    assert not target.exists() and not list(tmp_path.iterdir())
+    monkeypatch.setattr(type(model), "save_pretrained", real)
+    model.save_pretrained(target)
+    (target / "optimizer.pt").write_text("trainer state")  # a file the save does not own
+    before = (target / "model.safetensors").read_bytes()
+    monkeypatch.setattr(type(model), "save_pretrained", dying)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr(type(model), "save_pretrained", real)
+    save_pretrained(model, target, max_shard_size="40KB")
+    assert (target / "optimizer.pt").read_text() == "trainer state"
+    assert not (target / "model.safetensors").exists()  # replaced by the sharded files
+    _assert_same_state(model, AutoModelForCausalLM.from_pretrained(target))
