@@ -299,3 +299,47 @@ def test_interrupted_save_leaves_old_folder_or_nothing(tmp_path, monkeypatch):
     assert (target / "optimizer.pt").read_text() == "trainer state"
     assert not (target / "model.safetensors").exists()  # replaced by the sharded files
     _assert_same_state(model, AutoModelForCausalLM.from_pretrained(target))
+
+
+def _bytes(path, keys):
+    with safe_open(str(path), "pt") as fh:
+        return sum(
+            fh.get_slice(k).get_shape() and fh.get_tensor(k).numel() * fh.get_tensor(k).element_size()
+            for k in keys
+        )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_compressed_layout_is_small_and_bit_exact(tmp_path, family):
+    model = tiny_model(family).to(torch.float16)
+    apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude", pattern="hybrid"))
+    save_pretrained(model, tmp_path / "c", compressed=True)
+    doc = _doc(tmp_path / "c" / "model.safetensors")
+    stored = [e["values"] for e in doc["modules"].values()] + [e["mask"] for e in doc["modules"].values()]
+    dense_bytes = sum(e["numel"] * 2 for e in doc["modules"].values())
+    ratio = _bytes(tmp_path / "c" / "model.safetensors", stored) / dense_bytes
+    assert ratio <= 0.65, ratio  # values + bit masks of the pruned layers vs their dense fp16 bytes
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as fh:
+        assert not set(doc["modules"]) & set(fh.keys())  # no dense copy of a pruned weight
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float16)
+    _assert_same_state(model, loaded)
+
+
+def test_compressed_refuses_fused_experts(tmp_path):
+    model = _pruned("mixtral")
+    with pytest.raises(StorageError, match="fused MoE expert"):
+        save_pretrained(model, tmp_path / "c", compressed=True)
+    assert not (tmp_path / "c").exists()
+
+
+def test_compressed_values_count_is_checked(tmp_path):
+    model = _pruned("llama", method="magnitude")
+    save_pretrained(model, tmp_path / "c", compressed=True)
+    f = tmp_path / "c" / "model.safetensors"
+    doc = _doc(f)
+    key = doc["modules"]["model.layers.0.mlp.up_proj.weight"]["values"]
+    with safe_open(str(f), "pt") as fh:
+        short = fh.get_tensor(key)[:-3]
+    _rewrite(f, tensors={key: short})
+    with pytest.raises(StorageError, match=r"up_proj\.weight: \d+ stored values for \d+ kept weights"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "c")

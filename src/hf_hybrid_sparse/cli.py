@@ -172,7 +172,50 @@ def run_prune(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prune": run_prune}
+@dataclass
+class ReportArguments:
+    """Read a saved model's sparsity metadata (headers only; no weights are loaded)."""
+
+    directory: str = field(metadata={"help": "Folder written by save_pretrained."})
+    plot: str | None = field(
+        default=None, metadata={"help": "Draw the tier maps into this PNG (needs [viz])."}
+    )
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of a markdown table."})
+
+
+def run_report(argv: list[str]) -> int:
+    """``report DIR``: print the recipe and per-layer sparsity table of a saved model."""
+    from .hub import plot_tier_maps, read_sparsity_summary
+
+    parser = HfArgumentParser(ReportArguments)
+    parser.prog = "hf-hybrid-sparse report"
+    if argv and not argv[0].startswith("-"):
+        argv = ["--directory", argv[0], *argv[1:]]
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    summary = read_sparsity_summary(args.directory)
+    if args.json:
+        out = {k: v for k, v in summary.items() if k != "tier_maps"}
+        _print(json.dumps(out, indent=2))
+    else:
+        recipe = summary["recipe"]
+        _print(
+            f"recipe: method={recipe.get('method')} pattern={recipe.get('pattern')} tier_ratios={recipe.get('tier_ratios')}"
+        )
+        _print("| module | shape | sparsity | dense | nm | topk |\n|---|---|---:|---:|---:|---:|")
+        for row in summary["layers"]:
+            _print(
+                f"| {row['name']} | {row['shape']} | {row['sparsity']:.2%} | {row['dense']} | {row['nm']} | {row['topk']} |"
+            )
+        t = summary["tier_totals"]
+        _print(
+            f"| **total** | | **{summary['overall_sparsity']:.2%}** | {t['dense']} | {t['nm']} | {t['topk']} |"
+        )
+    if args.plot:
+        _print(f"tier maps drawn to {plot_tier_maps(args.directory, args.plot)}")
+    return 0
+
+
+COMMANDS = {"prune": run_prune, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except HybridSparseError as exc:
+    except (HybridSparseError, ImportError, FileNotFoundError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
 

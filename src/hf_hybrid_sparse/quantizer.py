@@ -15,6 +15,7 @@ Nothing is quantized: the weights keep their dtype and remain trainable (full fi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .patterns import check_hybrid
 from .serialization import (
     MASK_PREFIX,
     METADATA_KEY,
+    VALUES_PREFIX,
     StorageError,
     encode_metadata,
     encode_tier_map,
@@ -44,13 +46,23 @@ class HybridSparseHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: HybridSparseConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_files: list[str] | None = None
+        self.compressed = False  # set for the duration of a save_pretrained(..., compressed=True)
 
     # -- loading ------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_files = list(checkpoint_files or [])
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
         ignore.add("^" + MASK_PREFIX.replace(".", r"\."))
+        ignore.add("^" + VALUES_PREFIX.replace(".", r"\."))
         model._keys_to_ignore_on_load_unexpected = ignore
+        # a compressed checkpoint has no dense tensor for pruned weights: they are rebuilt after loading
+        doc = read_metadata([f for f in self.checkpoint_files if str(f).endswith(".safetensors")])
+        if doc is not None:
+            missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+            missing |= {
+                "^" + re.escape(k) + "$" for k, e in doc["modules"].items() if e["values"] is not None
+            }
+            model._keys_to_ignore_on_load_missing = missing
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -68,6 +80,11 @@ class HybridSparseHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         state_dict = model.state_dict()
         modules = {}
+        if self.compressed and any(t.kind == "experts" for t in _expert_free_check(model)):
+            raise StorageError(
+                "compressed=True does not support fused MoE expert weights yet (transformers re-splits them per "
+                "expert on save); save this model with the plain layout."
+            )
         for index, (name, module, pname, state) in enumerate(iter_sparse_params(model)):
             key = f"{name}.{pname}" if name else pname
             mask_key = f"{MASK_PREFIX}{index:05d}"
@@ -83,9 +100,21 @@ class HybridSparseHfQuantizer(HfQuantizer):
                 "numel": state.mask.numel(),
                 "kept": int(state.mask.sum()),
                 "mask": mask_key,
+                "values": None,
                 "tier_map": None if state.tier_map is None else encode_tier_map(state.tier_map),
             }
-            state_dict[mask_key] = pack_bits(state.mask)
+            if self.compressed and state.tier_map is not None:
+                # DENSE blocks are all kept: their mask bits carry nothing, store only the others
+                informative = _non_dense(state, param.shape)
+                state_dict[mask_key] = pack_bits(state.mask.cpu()[informative])
+                modules[key]["mask_scope"] = "nondense"
+            else:
+                state_dict[mask_key] = pack_bits(state.mask)
+            if self.compressed:
+                values_key = f"{VALUES_PREFIX}{index:05d}"
+                weight = state_dict.pop(key)
+                state_dict[values_key] = weight[state.mask.to(weight.device)].contiguous()
+                modules[key]["values"] = values_key
         recipe = self.quantization_config.to_dict()
         return state_dict, {METADATA_KEY: encode_metadata(recipe, modules)}
 
@@ -102,25 +131,63 @@ class HybridSparseHfQuantizer(HfQuantizer):
         return True
 
 
-def restore_state(model: torch.nn.Module, files: list[str]) -> None:
-    """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``."""
+def _expert_free_check(model):
+    from .discovery import Target
+
+    for name, module, pname, _ in iter_sparse_params(model):
+        if getattr(module, pname).dim() == 3:
+            yield Target(f"{name}.{pname}", name, module, pname, "experts")
+
+
+def _non_dense(state: ParamSparsity, shape) -> torch.Tensor:
+    """Bool tensor of the parameter's shape: True where the weight is in a non-DENSE block."""
+    from .patterns import DENSE, expand_tiers
+
+    tiers = state.tier_map.cpu()
+    per = (
+        torch.stack([expand_tiers(t, state.block_size) for t in tiers])
+        if tiers.dim() == 3
+        else expand_tiers(tiers, state.block_size)
+    )
+    per = per.transpose(-1, -2) if state.transposed else per
+    if tuple(per.shape) != tuple(shape):
+        raise StorageError(f"tier map does not cover a parameter of shape {list(shape)}.")
+    return per != DENSE
+
+
+def read_metadata(files: list[str], where: dict[str, str] | None = None) -> dict | None:
+    """The parsed header document of the first of ``files`` that has one (``None`` if none has).
+
+    With ``where``, also record which file holds each mask/values tensor.
+    """
     from safetensors import safe_open
 
     doc = None
-    where: dict[str, str] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
                 if doc is None and METADATA_KEY in meta:
                     doc = parse_metadata(meta[METADATA_KEY])
-                for key in fh.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    if key.startswith(MASK_PREFIX):
-                        where[key] = str(path)
+                    if where is None:
+                        return doc
+                if where is not None:
+                    for key in fh.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                        if key.startswith((MASK_PREFIX, VALUES_PREFIX)):
+                            where[key] = str(path)
         except StorageError:
             raise
         except Exception as exc:  # truncated or corrupted file
             raise StorageError(f"{path}: cannot read the safetensors file ({exc}).") from None
+    return doc
+
+
+def restore_state(model: torch.nn.Module, files: list[str]) -> None:
+    """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``."""
+    from safetensors import safe_open
+
+    where: dict[str, str] = {}
+    doc = read_metadata(files, where)
     if doc is None:
         raise StorageError(
             f"The checkpoint declares quant_method='{QUANT_METHOD}' but its safetensors headers hold no "
@@ -149,11 +216,28 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
             path = where[mask_key]
             if path not in handles:
                 handles[path] = safe_open(path, framework="pt")
-            mask = unpack_bits(handles[path].get_tensor(mask_key), entry["shape"])
+            if entry.get("mask_scope", "all") == "nondense":
+                if entry["tier_map"] is None:
+                    raise StorageError(f"{key}: a 'nondense' mask needs a tier map.")
+                probe = ParamSparsity(
+                    torch.ones(0),
+                    entry["tier_map"],
+                    "",
+                    "",
+                    entry["block_size"],
+                    transposed=entry["transposed"],
+                )
+                informative = _non_dense(probe, entry["shape"])
+                mask = torch.ones(entry["shape"], dtype=torch.bool)
+                mask[informative] = unpack_bits(handles[path].get_tensor(mask_key), (int(informative.sum()),))
+            else:
+                mask = unpack_bits(handles[path].get_tensor(mask_key), entry["shape"])
             if int(mask.sum()) != entry["kept"]:
                 raise StorageError(
                     f"{key}: the mask keeps {int(mask.sum())} weights, the metadata says {entry['kept']}."
                 )
+            if entry["values"] is not None:
+                _fill_from_values(key, param, mask, entry, where, handles)
             if param.device.type != "meta":
                 revived = param.detach()[~mask.to(param.device)]
                 if revived.numel() and bool((revived != 0).any()):
@@ -177,6 +261,28 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
             set_param_state(module, pname, state)
     finally:
         handles.clear()
+
+
+def _fill_from_values(key, param, mask, entry, where, handles) -> None:
+    from safetensors import safe_open
+
+    values_key = entry["values"]
+    if values_key not in where:
+        raise StorageError(f"{key}: its values tensor {values_key!r} is missing from the checkpoint.")
+    path = where[values_key]
+    if path not in handles:
+        handles[path] = safe_open(path, framework="pt")
+    values = handles[path].get_tensor(values_key)
+    if values.dim() != 1 or values.numel() != entry["kept"]:
+        raise StorageError(f"{key}: {values.numel()} stored values for {entry['kept']} kept weights.")
+    if param.device.type == "meta":
+        raise StorageError(
+            f"{key}: compressed checkpoints cannot be loaded into offloaded (meta) parameters."
+        )
+    dense = torch.zeros(entry["shape"], dtype=param.dtype)
+    dense[mask] = values.to(param.dtype)
+    with torch.no_grad():
+        param.copy_(dense.to(param.device))
 
 
 def _check_tiers(key: str, mask: torch.Tensor, tiers: torch.Tensor, entry: dict) -> None:

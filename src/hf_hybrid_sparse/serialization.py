@@ -18,6 +18,12 @@ Inside every ``*.safetensors`` file of a saved model:
 
   Tier maps are packed 4 codes per byte (2 bits each, least significant first). Every shard carries
   the whole document, so any one file describes the model.
+
+Compressed layout (``save_pretrained(..., compressed=True)``): a pruned parameter's dense tensor is
+left out; its entry names ``"values": "hybrid_sparse_values.<i>"``, a 1-D tensor of the kept values in
+row-major order of the parameter (so ``weight[mask] = values``), and for hybrid layers the mask holds
+only the bits of weights in non-DENSE blocks (``"mask_scope": "nondense"``; DENSE blocks are all
+kept). Only this package can load such a checkpoint; the plain layout loads anywhere.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from .patterns import TOPK
 FORMAT_VERSION = 1
 METADATA_KEY = "hybrid_sparse"
 MASK_PREFIX = "hybrid_sparse_mask."
+VALUES_PREFIX = "hybrid_sparse_values."
 
 
 class StorageError(HybridSparseError):
@@ -178,5 +185,12 @@ def parse_metadata(text: Any) -> dict[str, Any]:
                 raise StorageError(
                     f"{name}: tier map shape {list(tier_map.shape)} does not match {list(expected)}."
                 )
-        parsed[name] = dict(entry, shape=shape, tier_map=tier_map)
+        if entry.get("mask_scope", "all") not in ("all", "nondense"):
+            raise StorageError(f"{name}: mask_scope must be 'all' or 'nondense'.")
+        values = entry.get("values")
+        if values is not None and not (isinstance(values, str) and values.startswith(VALUES_PREFIX)):
+            raise StorageError(f"{name}: 'values' must name a {VALUES_PREFIX}* tensor.")
+        if not entry["mask"].startswith(MASK_PREFIX):
+            raise StorageError(f"{name}: 'mask' must name a {MASK_PREFIX}* tensor.")
+        parsed[name] = dict(entry, shape=shape, tier_map=tier_map, values=values)
     return {"format_version": version, "recipe": recipe, "modules": parsed}

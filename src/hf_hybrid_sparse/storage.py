@@ -18,10 +18,13 @@ _MODEL_FILES = re.compile(
 )
 
 
-def save_pretrained(model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+def save_pretrained(
+    model: Any, save_directory: str | os.PathLike, compressed: bool = False, **kwargs: Any
+) -> None:
     """``model.save_pretrained`` that leaves either the complete new folder or the old one, never a mix.
 
-    Everything is written to a temporary sibling folder, which is renamed into place once complete.
+    With ``compressed=True`` pruned weights are stored as kept values plus masks (see
+    :mod:`hf_hybrid_sparse.serialization`); such a folder needs this package to load. Everything is written to a temporary sibling folder, which is renamed into place once complete.
     Files in an existing folder that the save does not own (e.g. a Trainer's optimizer state) are moved
     into the new folder first; the old model files are dropped with the old folder.
     """
@@ -33,12 +36,22 @@ def save_pretrained(model: Any, save_directory: str | os.PathLike, **kwargs: Any
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the saved model should look like any other folder
+    quantizer = getattr(model, "hf_quantizer", None)
+    if compressed and not hasattr(quantizer, "compressed"):
+        raise ValueError(
+            "compressed=True needs a model pruned by hf-hybrid-sparse (it has no sparsity state)."
+        )
     try:
+        if compressed:
+            quantizer.compressed = True
         type(model).save_pretrained(model, tmp, **kwargs)
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if compressed:
+            quantizer.compressed = False
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
