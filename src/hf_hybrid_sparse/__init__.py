@@ -21,10 +21,35 @@ from .storage import save_pretrained
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "SparseTrainer": "trainer",
+    "SparsityMaskCallback": "trainer",
+    "SparsityError": "trainer",
+    "get_sparse_peft_model": "lora",
+    "merge_sparse_lora": "lora",
+    "MaskedLoraVariant": "lora",
+}
+
+
+def __getattr__(name: str):
+    # the training pieces import transformers.Trainer and peft: load them on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 register()
 _register_quantizer()
 
 __all__ = [
+    "SparseTrainer",
+    "SparsityMaskCallback",
+    "SparsityError",
+    "get_sparse_peft_model",
+    "merge_sparse_lora",
+    "MaskedLoraVariant",
     "HybridSparseConfig",
     "HybridSparseHfQuantizer",
     "StorageError",
