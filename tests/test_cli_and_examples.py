@@ -97,3 +97,68 @@ def test_example_prune_any_architecture_runs():
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if "sparse" in ln]
     assert len(lines) == 4 and all("tier maps" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("lora", ["0", "4"])
+def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
+    pruned = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_checkpoint),
+                "--pattern",
+                "2:4",
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "64",
+                "--skip_eval",
+                "--save",
+                str(pruned),
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "ft"
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(pruned),
+            "--seqlen",
+            "64",
+            "--max_samples",
+            "16",
+            "--eval_windows",
+            "2",
+            "--lora_r",
+            lora,
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity before:" in printed and "perplexity after:" in printed
+    from hf_hybrid_sparse import sparsity_masks
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    masks = sparsity_masks(reloaded)
+    assert len(masks) == 14
+    for name, p in reloaded.named_parameters():
+        if name in masks:
+            assert (p[~masks[name]] == 0).all()
+            assert (masks[name].reshape(p.shape[0], -1, 4).sum(-1) == 2).all()

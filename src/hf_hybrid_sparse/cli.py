@@ -173,6 +173,82 @@ def run_prune(argv: list[str]) -> int:
 
 
 @dataclass
+class FinetuneArguments:
+    """Recovery fine-tuning of a pruned model (full, or LoRA with lora_r > 0)."""
+
+    data: str = field(
+        default="wiki_offline", metadata={"help": "Training text: a name or a .txt/.jsonl path."}
+    )
+    seqlen: int = 512
+    max_samples: int | None = field(default=None, metadata={"help": "Max training windows."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
+    lora_alpha: int = 16
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    lora_mode: str = field(default="masked", metadata={"help": "masked (exact sparse merge) | remask"})
+    eval_windows: int | None = 16
+    final_dir: str | None = field(default=None, metadata={"help": "Where to save the final (merged) model."})
+
+
+def run_finetune(argv: list[str]) -> int:
+    """``finetune``: SparseTrainer on a pruned model, perplexity before/after, save with the sparsity state."""
+    from transformers import TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, FinetuneArguments, TrainingArguments))
+    parser.prog = "hf-hybrid-sparse finetune"
+    model_args, ft, targs = parser.parse_args_into_dataclasses(args=argv)
+    if ft.lora_mode not in ("masked", "remask"):
+        raise HybridSparseError(f"--lora_mode {ft.lora_mode!r}: choose masked or remask.")
+
+    from .data import lm_dataset
+    from .evaluation import perplexity
+    from .lora import get_sparse_peft_model, merge_sparse_lora
+    from .models import load_model_and_tokenizer
+    from .storage import save_pruned
+    from .trainer import SparseTrainer
+
+    hf_logging.set_verbosity_info()
+    model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
+    train = lm_dataset(ft.data, tokenizer, ft.seqlen, ft.max_samples)
+
+    def ppl(m) -> float:
+        m.eval()
+        return perplexity(m, tokenizer, ft.data, seqlen=ft.seqlen, max_windows=ft.eval_windows).perplexity
+
+    before = ppl(model)
+    _print(f"perplexity before: {before:.3f}")
+    target = model
+    if ft.lora_r > 0:
+        from peft import LoraConfig
+
+        lora = LoraConfig(
+            r=ft.lora_r,
+            lora_alpha=ft.lora_alpha,
+            target_modules=ft.lora_targets.split(","),
+            task_type="CAUSAL_LM",
+        )
+        target = get_sparse_peft_model(model, lora, mode=ft.lora_mode)
+    trainer = SparseTrainer(model=target, args=targs, train_dataset=train)
+    trainer.train()
+    if ft.lora_r > 0:
+        model, merge_report = merge_sparse_lora(target)
+        _print(
+            f"merged LoRA ({merge_report.mode}); largest share of an update removed by re-masking: "
+            f"{merge_report.max_removed_fraction:.4f}"
+        )
+    after = ppl(model)
+    _print(f"perplexity after:  {after:.3f}")
+    final = ft.final_dir or f"{targs.output_dir}/final"
+    save_pruned(
+        model,
+        final,
+        tokenizer=tokenizer,
+        report={"perplexity_before": before, "perplexity_after": after, "steps": trainer.state.global_step},
+    )
+    _print(f"saved to {final}")
+    return 0
+
+
+@dataclass
 class ReportArguments:
     """Read a saved model's sparsity metadata (headers only; no weights are loaded)."""
 
@@ -215,7 +291,7 @@ def run_report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prune": run_prune, "report": run_report}
+COMMANDS = {"prune": run_prune, "finetune": run_finetune, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,3 +209,31 @@ def get_calibration_samples(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def lm_dataset(data: Any, tokenizer: Any, seqlen: int, max_samples: int | None = None, split: str = "train"):
+    """A ``datasets.Dataset`` of non-overlapping ``seqlen`` windows (``input_ids`` = ``labels``) for training.
+
+    Texts are joined with ``"\\n\\n"`` and cut into consecutive windows; token inputs are used as given
+    (cut to ``seqlen``). At most ``max_samples`` windows.
+    """
+    from datasets import Dataset
+
+    kind, items = resolve_texts_or_tokens(data, split=split)
+    if kind == "text":
+        limit = None if max_samples is None else max_samples * seqlen
+        ids = tokenize_joined(items, _resolve_tokenizer(tokenizer, None), max_tokens=limit)
+        n = ids.numel() // seqlen
+        windows = ids[: n * seqlen].reshape(n, seqlen)
+    else:
+        windows = (
+            torch.stack([t[:seqlen] for t in items if t.numel() >= seqlen])
+            if items
+            else torch.zeros(0, seqlen)
+        )
+    if max_samples is not None:
+        windows = windows[:max_samples]
+    if len(windows) == 0:
+        raise CalibrationError(f"No training window of {seqlen} tokens could be made from the data.")
+    rows = windows.long().tolist()
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
