@@ -97,16 +97,22 @@ def _read_path(path: Path) -> list[str]:
 
 def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]:
     """Classify ``data`` as ``("text", [str, ...])`` or ``("tokens", [1-D LongTensor, ...])``."""
+    from .corpora import SOURCES, NamedSet, named, texts
+
+    if isinstance(data, NamedSet):
+        return "text", texts(data, split)
     if isinstance(data, (str, os.PathLike)):
         key = str(data)
         if key in NAMED_DATASETS:
             return "text", NAMED_DATASETS[key](split)
+        if key in SOURCES:
+            return "text", texts(named(key), split)
         path = Path(key)
         if path.exists():
             return "text", _read_path(path)
         raise CalibrationError(
             f"Unknown calibration dataset {key!r}: not a file, and not one of the names "
-            f"{', '.join(sorted(NAMED_DATASETS))}."
+            f"{', '.join(sorted(set(NAMED_DATASETS) | set(SOURCES)))} (or a NAME:WEIGHT,... mixture)."
         )
     if isinstance(data, torch.Tensor):
         if data.dim() != 2:
@@ -181,9 +187,32 @@ def get_calibration_samples(
     model: Any = None,
 ) -> torch.Tensor:
     """``[nsamples, seqlen]`` LongTensor of calibration token ids (rules in the module docstring)."""
+    from .corpora import SOURCES, NamedSet, calibration_windows, mixture_counts, named, parse_mixture
+
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise CalibrationError(f"seqlen={seqlen} exceeds the model's max_position_embeddings={max_pos}.")
+    is_pairs = (
+        isinstance(data, (list, tuple))
+        and data
+        and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in data)
+    )
+    if is_pairs or (isinstance(data, str) and ":" in data and not Path(data).exists()):
+        parts = list(data) if is_pairs else parse_mixture(data)
+        if is_pairs and abs(sum(w for _, w in parts) - 1.0) > 1e-6:
+            raise CalibrationError(
+                f"mixture weights {[w for _, w in parts]} sum to {sum(w for _, w in parts):.6g}, not 1."
+            )
+        counts = mixture_counts([w for _, w in parts], nsamples)
+        chunks = [
+            get_calibration_samples(name, tokenizer, n, seqlen, seed + i, model=model)
+            for i, ((name, _), n) in enumerate(zip(parts, counts))
+            if n > 0
+        ]
+        return torch.cat(chunks)
+    if isinstance(data, NamedSet) or (isinstance(data, str) and data in SOURCES):
+        spec = data if isinstance(data, NamedSet) else named(data)
+        return calibration_windows(spec, _resolve_tokenizer(tokenizer, model), nsamples, seqlen, seed)
     kind, items = resolve_texts_or_tokens(data)
     if kind == "tokens":
         if not items:

@@ -45,12 +45,17 @@ def perplexity(
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
         raise CalibrationError(f"seqlen={seqlen} exceeds the model's max_position_embeddings={max_pos}.")
-    kind, items = resolve_texts_or_tokens(data, split="test")
-    if kind == "text":
-        limit = None if max_windows is None else max_windows * seqlen
-        ids = tokenize_joined(items, tokenizer, max_tokens=limit)
+    from .corpora import SOURCES, NamedSet, eval_tokens, named
+
+    if isinstance(data, NamedSet) or (isinstance(data, str) and data in SOURCES):
+        ids = eval_tokens(data if isinstance(data, NamedSet) else named(data), tokenizer, seqlen)
     else:
-        ids = torch.cat([t.reshape(-1) for t in items])
+        kind, items = resolve_texts_or_tokens(data, split="test")
+        if kind == "text":
+            limit = None if max_windows is None else max_windows * seqlen
+            ids = tokenize_joined(items, tokenizer, max_tokens=limit)
+        else:
+            ids = torch.cat([t.reshape(-1) for t in items])
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
