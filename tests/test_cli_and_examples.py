@@ -162,3 +162,49 @@ def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
         if name in masks:
             assert (p[~masks[name]] == 0).all()
             assert (masks[name].reshape(p.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_eval_command_side_by_side(tiny_checkpoint, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_checkpoint),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "64",
+                "--skip_eval",
+                "--save",
+                str(pruned),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(pruned),
+                "--dense_model",
+                str(tiny_checkpoint),
+                "--seqlen",
+                "64",
+                "--max_windows",
+                "2",
+                "--json_out",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "| metric | dense |" in table and "ppl wiki_offline" in table
+    data = json.loads(out_json.read_text())
+    assert data["dense"]["ppl wiki_offline tokens"] == 2 * 63
+    assert data["dense"]["ppl wiki_offline"] != data[str(pruned)]["ppl wiki_offline"]

@@ -11,7 +11,33 @@ from hf_hybrid_sparse import CalibrationError, perplexity
 from hf_hybrid_sparse.corpora import calibration_windows, eval_tokens, mixture_counts, named, parse_mixture
 from hf_hybrid_sparse.data import get_calibration_samples
 
-WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+]
 
 
 def _para(i, n=60):
