@@ -330,6 +330,88 @@ def run_eval(argv: list[str]) -> int:
 
 
 @dataclass
+class ProgressiveArguments:
+    """Progressive DENSE -> NM -> TOPK pruning over a schedule, with fine-tuning between iterations."""
+
+    schedule: str = field(
+        default=None, metadata={"help": "CSV or YAML schedule (see examples/progressive.csv)."}
+    )
+    output: str = field(default=None, metadata={"help": "Run folder: one checkpoint per iteration."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue a run in --output after its last finished iteration."}
+    )
+    method: str = "wanda"
+    tier_group: str = "layer"
+    block_size: int = 16
+    nm: str = "2:4"
+    topk_per_block: int = 15
+    calib: str = "wiki_offline"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    finetune_steps: int = 0
+    finetune_lr: float = 5e-5
+    finetune_batch_size: int = 4
+    finetune_seqlen: int = 512
+    lora_r: int = 0
+    eval_data: str = "wiki_offline"
+    eval_seqlen: int = 512
+    eval_windows: int | None = 16
+    plot: str | None = field(
+        default=None, metadata={"help": "Plot perplexity/sparsity per iteration here ([viz])."}
+    )
+
+
+def run_progressive_cmd(argv: list[str]) -> int:
+    """``progressive``: run or resume a schedule and print the per-iteration summary."""
+    parser = HfArgumentParser((ModelArguments, ProgressiveArguments))
+    parser.prog = "hf-hybrid-sparse progressive"
+    model_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if not args.schedule or not args.output:
+        raise HybridSparseError("--schedule and --output are required.")
+    from .models import load_model_and_tokenizer
+    from .progressive import ProgressiveSettings, plot_progress, run_progressive, summary_markdown
+    from .schedule import load_schedule
+
+    schedule = load_schedule(args.schedule)  # validated before the model is loaded
+    config = HybridSparseConfig(
+        method=args.method,
+        pattern="hybrid",
+        tier_group=args.tier_group,
+        block_size=args.block_size,
+        nm=args.nm,
+        topk_per_block=args.topk_per_block,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    hf_logging.set_verbosity_info()
+    model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
+    settings = ProgressiveSettings(
+        config=config,
+        calib=args.calib,
+        train_seqlen=args.finetune_seqlen,
+        finetune_steps=args.finetune_steps,
+        learning_rate=args.finetune_lr,
+        batch_size=args.finetune_batch_size,
+        lora_r=args.lora_r,
+        eval_data=args.eval_data,
+        eval_seqlen=args.eval_seqlen,
+        eval_windows=args.eval_windows,
+        seed=args.seed,
+    )
+    summary = run_progressive(
+        model, tokenizer, schedule, settings, args.output, resume=args.resume, model_id=model_args.model
+    )
+    _print(summary_markdown(summary))
+    if args.plot:
+        _print(f"plot written to {plot_progress(summary, args.plot)}")
+    return 0
+
+
+@dataclass
 class ReportArguments:
     """Read a saved model's sparsity metadata (headers only; no weights are loaded)."""
 
@@ -372,7 +454,13 @@ def run_report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prune": run_prune, "eval": run_eval, "finetune": run_finetune, "report": run_report}
+COMMANDS = {
+    "prune": run_prune,
+    "eval": run_eval,
+    "progressive": run_progressive_cmd,
+    "finetune": run_finetune,
+    "report": run_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,21 +68,26 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def save_pruned(
-    model: Any, save_directory: str | os.PathLike, tokenizer: Any = None, report: dict | None = None
+    model: Any,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    report: dict | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``model`` (with its sparsity state), its tokenizer and the pruning report, atomically."""
+    """Save ``model`` (with its sparsity state), its tokenizer, the pruning report and ``extra``
+    JSON files (``{file name: data}``), all at once: the folder appears complete or not at all."""
     target = Path(save_directory).resolve()
-    staging = Path(
-        tempfile.mkdtemp(
-            prefix=f".{target.name}.extra-", dir=target.parent if target.parent.exists() else None
-        )
-    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.extra-", dir=target.parent))
     try:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if report is not None:
             with open(staging / REPORT_FILE, "w", encoding="utf-8") as fh:
                 json.dump(report, fh, indent=2)
+        for name, data in (extra or {}).items():
+            with open(staging / name, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             type(model).save_pretrained(model, tmp)
