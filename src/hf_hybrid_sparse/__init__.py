@@ -28,6 +28,9 @@ _LAZY = {
     "get_sparse_peft_model": "lora",
     "merge_sparse_lora": "lora",
     "MaskedLoraVariant": "lora",
+    "HybridSparseLinear": "linear",
+    "convert_to_hybrid_kernels": "linear",
+    "convert_to_dense": "linear",
 }
 
 
@@ -50,6 +53,9 @@ __all__ = [
     "get_sparse_peft_model",
     "merge_sparse_lora",
     "MaskedLoraVariant",
+    "HybridSparseLinear",
+    "convert_to_hybrid_kernels",
+    "convert_to_dense",
     "HybridSparseConfig",
     "HybridSparseHfQuantizer",
     "StorageError",
