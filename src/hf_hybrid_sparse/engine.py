@@ -248,6 +248,9 @@ def _sequential(model, config, calib_dataset, tokenizer, blocks_path, blocks, pl
                 ]
             if moved_from is not None:
                 block.to(moved_from)
+                for t in targets:  # masks live with their parameters, not on the compute device
+                    state = get_state(t.module)[t.param_name]
+                    state.mask = state.mask.to(moved_from)
             bar.update(1)
     finally:
         bar.close()
