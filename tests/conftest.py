@@ -23,3 +23,24 @@ def smollm2_copy(smollm2):
     """A private deep copy of the embedded model (tests may prune it)."""
     model, tokenizer = smollm2
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, smollm2):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a normal HF folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, tok = smollm2
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"

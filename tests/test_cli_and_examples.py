@@ -4,32 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from hf_hybrid_sparse.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path, smollm2):
-    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a normal HF folder."""
-    _, tok = smollm2
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-    )
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
 
 
 def test_prune_command_end_to_end(tiny_checkpoint, tmp_path, capsys):

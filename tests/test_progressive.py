@@ -243,28 +243,13 @@ def test_resume_folder_from_another_run_is_refused(tmp_path):
         )
 
 
-def test_progressive_command(tmp_path, capsys, smollm2):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+def test_progressive_command(tmp_path, capsys, tiny_checkpoint):
     from hf_hybrid_sparse.cli import main
 
-    _, tok = smollm2
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
     args = [
         "progressive",
         "--model",
-        str(tmp_path / "tiny"),
+        str(tiny_checkpoint),
         "--schedule",
         "examples/progressive.csv",
         "--output",

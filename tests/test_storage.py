@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import FAMILIES, random_tokens, tiny_model
+from tiny_models import FAMILIES, pruned_tiny, random_tokens, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid_sparse import (
@@ -30,13 +30,6 @@ from hf_hybrid_sparse.serialization import (
     parse_metadata,
     unpack_bits,
 )
-
-
-def _pruned(family="llama", **kw):
-    model = tiny_model(family)
-    cfg = HybridSparseConfig(nsamples=4, seqlen=32, **kw)
-    apply_hybrid_sparsity(model, cfg, random_tokens(4, 32))
-    return model
 
 
 def _assert_same_state(a, b):
@@ -67,7 +60,7 @@ def test_pack_unpack_bits_round_trip():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_every_family(tmp_path, family):
-    model = _pruned(family)
+    model = pruned_tiny(family)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     _assert_same_state(model, loaded)
@@ -75,7 +68,7 @@ def test_round_trip_every_family(tmp_path, family):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_round_trip_sharded_and_other_patterns(tmp_path, pattern):
-    model = _pruned("qwen2", pattern=pattern, method="sparsegpt")
+    model = pruned_tiny("qwen2", pattern=pattern, method="sparsegpt")
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
@@ -88,7 +81,7 @@ def test_round_trip_sharded_and_other_patterns(tmp_path, pattern):
 
 
 def test_dtype_change_round_trip(tmp_path):
-    model = _pruned("llama").to(torch.bfloat16)
+    model = pruned_tiny("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
@@ -98,7 +91,7 @@ def test_dtype_change_round_trip(tmp_path):
 
 
 def test_plain_transformers_loads_a_working_dense_model(tmp_path):
-    model = _pruned("llama")
+    model = pruned_tiny("llama")
     model.save_pretrained(tmp_path / "m")
     probe = random_tokens(1, 12, seed=9)
     with torch.no_grad():
@@ -140,7 +133,7 @@ def _doc(path):
 
 @pytest.fixture
 def saved(tmp_path):
-    model = _pruned("llama")
+    model = pruned_tiny("llama")
     model.save_pretrained(tmp_path / "m")
     return tmp_path / "m"
 
@@ -271,7 +264,7 @@ def test_fuzzed_module_entries_only_raise_storage_error(field, value):
 
 
 def test_interrupted_save_leaves_old_folder_or_nothing(tmp_path, monkeypatch):
-    model = _pruned("llama")
+    model = pruned_tiny("llama")
     target = tmp_path / "out"
     real = type(model).save_pretrained
 
@@ -326,14 +319,14 @@ def test_compressed_layout_is_small_and_bit_exact(tmp_path, family):
 
 
 def test_compressed_refuses_fused_experts(tmp_path):
-    model = _pruned("mixtral")
+    model = pruned_tiny("mixtral")
     with pytest.raises(StorageError, match="fused MoE expert"):
         save_pretrained(model, tmp_path / "c", compressed=True)
     assert not (tmp_path / "c").exists()
 
 
 def test_compressed_values_count_is_checked(tmp_path):
-    model = _pruned("llama", method="magnitude")
+    model = pruned_tiny("llama", method="magnitude")
     save_pretrained(model, tmp_path / "c", compressed=True)
     f = tmp_path / "c" / "model.safetensors"
     doc = _doc(f)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from tiny_models import random_tokens, tiny_model
+from tiny_models import pruned_tiny, random_tokens, tiny_model
 from transformers import Trainer, TrainingArguments
 
 from hf_hybrid_sparse import (
@@ -24,12 +24,6 @@ from hf_hybrid_sparse import (
     sparsity_masks,
 )
 from hf_hybrid_sparse.errors import HybridSparseError
-
-
-def _pruned(family="llama", **kw):
-    model = tiny_model(family)
-    apply_hybrid_sparsity(model, HybridSparseConfig(nsamples=4, seqlen=32, **kw), random_tokens(4, 32))
-    return model
 
 
 def _dataset(n=32, seqlen=32):
@@ -67,7 +61,7 @@ def _losses(trainer):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_full_finetune_keeps_every_pruned_weight_zero(tmp_path, bf16):
-    model = _pruned()
+    model = pruned_tiny()
     masks = {k: v.clone() for k, v in sparsity_masks(model).items()}
     before = copy.deepcopy(model.state_dict())
     args = _args(tmp_path, weight_decay=0.1, gradient_accumulation_steps=2, max_grad_norm=0.5, bf16=bf16)
@@ -79,7 +73,7 @@ def test_full_finetune_keeps_every_pruned_weight_zero(tmp_path, bf16):
 
 
 def test_gradients_of_pruned_weights_are_zero_before_clipping(tmp_path):
-    model = _pruned()
+    model = pruned_tiny()
     cb = SparsityMaskCallback()
     cb.attach(model)
     out = model(input_ids=random_tokens(2, 16), labels=random_tokens(2, 16))
@@ -90,7 +84,7 @@ def test_gradients_of_pruned_weights_are_zero_before_clipping(tmp_path):
 
 
 def test_callback_works_with_a_plain_trainer(tmp_path):
-    model = _pruned(pattern="2:4")
+    model = pruned_tiny(pattern="2:4")
     masks = {k: v.clone() for k, v in sparsity_masks(model).items()}
     before = copy.deepcopy(model.state_dict())
     trainer = Trainer(
@@ -105,7 +99,7 @@ def test_callback_works_with_a_plain_trainer(tmp_path):
 
 def test_without_the_callback_sparsity_is_lost(tmp_path):
     """The guarantee above is not vacuous: plain AdamW with weight decay revives pruned weights."""
-    model = _pruned()
+    model = pruned_tiny()
     masks = sparsity_masks(model)
     Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=_dataset()).train()
     params = dict(model.named_parameters())
@@ -113,7 +107,7 @@ def test_without_the_callback_sparsity_is_lost(tmp_path):
 
 
 def test_masks_derived_from_zeros_with_a_warning(tmp_path, caplog):
-    model = _pruned()
+    model = pruned_tiny()
     from hf_hybrid_sparse.state import clear_state
 
     clear_state(model)
@@ -135,7 +129,7 @@ def test_dense_model_is_refused_unless_allowed(tmp_path):
 
 
 def test_mask_shape_mismatch_is_refused(tmp_path):
-    model = _pruned()
+    model = pruned_tiny()
     layer = model.model.layers[0].mlp.up_proj
     layer.weight = torch.nn.Parameter(torch.zeros(160, 64))  # resized after pruning
     with pytest.raises(
@@ -146,12 +140,12 @@ def test_mask_shape_mismatch_is_refused(tmp_path):
 
 
 def test_resume_with_different_masks_is_refused(tmp_path):
-    model = _pruned()
+    model = pruned_tiny()
     args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     SparseTrainer(model=model, args=args, train_dataset=_dataset()).train()
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert ckpt.exists()
-    same = _pruned()
+    same = pruned_tiny()
     SparseTrainer(
         model=same, args=_args(tmp_path, max_steps=3, save_strategy="no"), train_dataset=_dataset()
     ).train(resume_from_checkpoint=str(ckpt))
@@ -166,7 +160,7 @@ def test_resume_with_different_masks_is_refused(tmp_path):
     "family, targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])]
 )
 def test_masked_lora_merges_exactly_and_keeps_sparsity(tmp_path, family, targets):
-    model = _pruned(family)
+    model = pruned_tiny(family)
     masks = {k: v.clone() for k, v in sparsity_masks(model).items()}
     cfg = LoraConfig(r=4, target_modules=targets, fan_in_fan_out=family == "gpt2")
     peft_model = get_sparse_peft_model(model, cfg)
@@ -196,7 +190,7 @@ def test_masked_lora_merges_exactly_and_keeps_sparsity(tmp_path, family, targets
 
 
 def test_vanilla_lora_remask_reports_what_it_removed(tmp_path):
-    model = _pruned()
+    model = pruned_tiny()
     peft_model = get_sparse_peft_model(
         model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), mode="remask"
     )
@@ -211,14 +205,14 @@ def test_lora_bad_input():
     with pytest.raises(HybridSparseError, match="no sparsity state"):
         get_sparse_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(HybridSparseError, match="mode="):
-        get_sparse_peft_model(_pruned(), LoraConfig(r=2, target_modules=["q_proj"]), mode="dense")
+        get_sparse_peft_model(pruned_tiny(), LoraConfig(r=2, target_modules=["q_proj"]), mode="dense")
 
 
 def test_merged_model_saves_and_reloads_sparse(tmp_path):
     from transformers import AutoModelForCausalLM
 
     peft_model = get_sparse_peft_model(
-        _pruned(), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False)
+        pruned_tiny(), LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False)
     )
     merged, _ = merge_sparse_lora(peft_model)
     merged.save_pretrained(tmp_path / "merged")
