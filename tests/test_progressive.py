@@ -1,6 +1,7 @@
 """Progressive pruning: schedules, monotone tiers, exact ratios, kill-and-resume, any architecture."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from hf_hybrid_sparse.progressive import ProgressiveSettings, run_progressive
 from hf_hybrid_sparse.schedule import ScheduleError, load_schedule, parse_rows
 from hf_hybrid_sparse.state import iter_sparse_params
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROWS = [
     {"iteration": 1, "target_dense_ratio": 0.7, "target_2_4_ratio": 0.3, "target_topk_ratio": 0.0},
     {"iteration": 2, "target_dense_ratio": 0.5, "target_2_4_ratio": 0.4, "target_topk_ratio": 0.1},
@@ -30,7 +32,7 @@ ROWS = [
 
 
 def test_example_schedule_and_formats(tmp_path):
-    sched = load_schedule("examples/progressive.csv")
+    sched = load_schedule(EXAMPLES / "progressive.csv")
     assert [it.ratios for it in sched] == [(0.7, 0.3, 0.0), (0.5, 0.4, 0.1), (0.35, 0.45, 0.2)]
     (tmp_path / "s.yaml").write_text(
         "iterations:\n"
