@@ -246,3 +246,30 @@ def test_two_cpu_processes_keep_the_masks(tmp_path, mode):
         )
     assert res.returncode == 0, out[-4000:]
     assert out.count("RANK_OK") == 2, out[-2000:]
+
+
+def test_saved_adapter_reloads_mask_aware_on_the_pruned_base(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_hybrid_sparse import load_sparse_peft_model
+
+    base = pruned_tiny()
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_sparse_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    probe = random_tokens(2, 12, seed=4)
+    with torch.no_grad():
+        expected = peft_model(input_ids=probe).logits
+    reloaded = load_sparse_peft_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter")
+    )
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=probe).logits, expected, atol=1e-5)
+    merged, report = merge_sparse_lora(reloaded)
+    assert report.mode == "masked"
+    for name, mask in sparsity_masks(merged).items():
+        assert (dict(merged.named_parameters())[name][~mask] == 0).all()
+    with pytest.raises(HybridSparseError, match="no sparsity state"):
+        load_sparse_peft_model(tiny_model("llama"), str(tmp_path / "adapter"))

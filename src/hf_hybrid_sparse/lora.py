@@ -93,7 +93,6 @@ def get_sparse_peft_model(
     unknown, or an adapter would sit on a pruned layer that the chosen mode cannot keep sparse.
     """
     from peft import get_peft_model
-    from peft.tuners.lora import Linear as LoraLinear
 
     if mode not in ("masked", "remask"):
         raise HybridSparseError(f"mode={mode!r}; choose 'masked' (exact sparse merge) or 'remask'.")
@@ -102,17 +101,43 @@ def get_sparse_peft_model(
             "The model has no sparsity state; prune it (apply_hybrid_sparsity) before adding LoRA."
         )
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    if mode == "masked":
+        install_masked_lora(peft_model)
+    return peft_model
+
+
+def install_masked_lora(peft_model) -> int:
+    """Make every adapter on a pruned linear layer mask-aware; returns how many layers changed."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    count = 0
     for name, module in _lora_layers(peft_model):
         if _base_mask(module) is None:
             continue
-        if mode == "masked":
-            if not isinstance(module, LoraLinear):
-                raise HybridSparseError(
-                    f"{name}: mask-aware LoRA supports linear layers only, not {type(module).__name__}; "
-                    "remove it from target_modules or use mode='remask'."
-                )
-            for adapter in module.lora_A:
-                module.lora_variant[adapter] = MaskedLoraVariant()
+        if not isinstance(module, LoraLinear):
+            raise HybridSparseError(
+                f"{name}: mask-aware LoRA supports linear layers only, not {type(module).__name__}; "
+                "remove it from target_modules or use mode='remask'."
+            )
+        for adapter in module.lora_A:
+            module.lora_variant[adapter] = MaskedLoraVariant()
+        count += 1
+    return count
+
+
+def load_sparse_peft_model(model: nn.Module, adapter_path: str, mode: str = "masked", **kwargs: Any):
+    """``PeftModel.from_pretrained`` for a pruned base model, restoring mask-aware adapters (``mode="masked"``).
+
+    Saved adapters hold only the LoRA weights; the masks come from the base model (e.g. loaded with
+    ``from_pretrained`` from a hybrid-sparse checkpoint), so reload the base first.
+    """
+    from peft import PeftModel
+
+    if not any(True for _ in iter_sparse_params(model)):
+        raise HybridSparseError("The base model has no sparsity state; load the pruned checkpoint first.")
+    peft_model = PeftModel.from_pretrained(model, adapter_path, **kwargs)
+    if mode == "masked":
+        install_masked_lora(peft_model)
     return peft_model
 
 
