@@ -6,8 +6,10 @@ Per shape (4096x4096, 11008x4096, 4096x11008) and token count (1, 4, 16, 128, 20
 (0.35, 0.45, 0.20) with 15/256 TOPK: median time (triton.testing.do_bench over rotating weight copies so
 the L2 cannot hold them) of dense `F.linear` (cuBLAS), `to_sparse_semi_structured` 2:4 (where the GPU
 supports it) and the hybrid layer, the speed-up against dense, and achieved bandwidth against the
-card's copy bandwidth measured in the same run. (An end-to-end `generate` tokens/s comparison is not
-written yet.) Never run on a GPU in this repository so far: no GPU was available.
+card's copy bandwidth measured in the same run. Then `--e2e`: tokens/s of greedy `generate` on a random
+Llama-2-7B-shaped model (fp16, hybrid-pruned by magnitude), dense layers vs converted HybridSparseLinear
+(`--e2e tiny` runs the same code on a tiny model, on CPU too). Never run on a GPU in this repository so
+far: no GPU was available.
 """
 
 from __future__ import annotations
@@ -97,15 +99,68 @@ def gpu_tables(copies: int) -> None:
             )
 
 
+def e2e(shape: str, new_tokens: int) -> None:
+    """Greedy generate tokens/s, dense vs packed hybrid layers, same model and prompt."""
+    import time
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity, convert_to_hybrid_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dims = {
+        "llama2-7b": dict(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+        ),
+        "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+    }[shape]
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **dims)
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.to_empty(device=dev)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.eval()
+    apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude", pattern="hybrid"))
+    prompt = torch.randint(0, 32000, (1, 32), device=dev)
+
+    def tokens_per_s() -> float:
+        model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)  # warm-up / compile
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(
+            input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return new_tokens / (time.perf_counter() - t0)
+
+    dense = tokens_per_s()
+    convert_to_hybrid_kernels(model)
+    hybrid = tokens_per_s()
+    where = torch.cuda.get_device_name() if dev == "cuda" else "CPU (reference path: no speed-up expected)"
+    print(
+        f"\ne2e generate ({shape}, {new_tokens} new tokens, {where}): dense {dense:.1f} tok/s, "
+        f"hybrid {hybrid:.1f} tok/s, x{hybrid / dense:.2f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=8, help="rotating weight copies (> L2 size in total)")
+    ap.add_argument("--e2e", choices=["llama2-7b", "tiny"], default=None)
+    ap.add_argument("--new_tokens", type=int, default=128)
     args = ap.parse_args()
     size_table()
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        gpu_tables(args.copies)
+    else:
         print("\nGPU timings: not measured (no CUDA device on this machine).")
-        return
-    gpu_tables(args.copies)
+    if args.e2e:
+        e2e(args.e2e, args.new_tokens)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,29 @@ def test_triton_decode_on_gpu_real_shapes(shape, tokens):
     ref = x.float() @ w.cuda().float().t()
     assert torch.isfinite(y).all()
     assert torch.allclose(y.float(), ref, atol=5e-2, rtol=2e-2)
+
+
+def test_use_kernels_loading_attribute(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_hybrid_sparse import StorageError
+
+    model = tiny_model("llama")
+    apply_hybrid_sparsity(model, HybridSparseConfig(nsamples=4, seqlen=32), random_tokens(4, 32))
+    model.save_pretrained(tmp_path / "m")
+    probe = random_tokens(1, 10, seed=2)
+    with torch.no_grad():
+        ref = model(input_ids=probe).logits
+    fast = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", quantization_config=HybridSparseConfig(use_kernels=True)
+    )
+    assert isinstance(fast.model.layers[1].mlp.down_proj, HybridSparseLinear)
+    with torch.no_grad():
+        assert torch.allclose(fast(input_ids=probe).logits, ref, atol=1e-5)
+    with pytest.raises(StorageError, match="convert_to_dense"):
+        fast.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    convert_to_dense(fast)
+    fast.save_pretrained(tmp_path / "again")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(plain.model.layers[1].mlp.down_proj, torch.nn.Linear)

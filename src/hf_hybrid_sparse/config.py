@@ -55,6 +55,8 @@ class HybridSparseConfig(QuantizationConfigMixin):
         sparsegpt_blocksize: SparseGPT's lazy-update column chunk (a multiple of ``block_size`` and M).
         device: compute device for the block being pruned (``None``: where the block already is).
         offload_activations: keep the calibration activations on CPU between blocks.
+        use_kernels: a loading attribute: ``from_pretrained(..., quantization_config=HybridSparseConfig(
+            use_kernels=True))`` converts the hybrid layers to packed ``HybridSparseLinear`` after loading.
     """
 
     method: str = "wanda"
@@ -77,6 +79,7 @@ class HybridSparseConfig(QuantizationConfigMixin):
     sparsegpt_blocksize: int = 128
     device: str | None = None
     offload_activations: bool = False
+    use_kernels: bool = False
     format_version: int = 1
     quant_method: str = QUANT_METHOD
 
@@ -184,6 +187,10 @@ class HybridSparseConfig(QuantizationConfigMixin):
             return config, extra
         return config
 
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Attributes a ``from_pretrained`` call may override on a saved config (transformers convention)."""
+        return {"use_kernels": self.use_kernels}
+
     def to_json_string(self, use_diff: bool = True) -> str:  # noqa: D102 - same as transformers
         import json
 
@@ -192,8 +199,13 @@ class HybridSparseConfig(QuantizationConfigMixin):
 
 def register() -> None:
     """Register the config with transformers (idempotent)."""
+    from transformers.quantizers import auto
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
 
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HybridSparseConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
         register_quantization_config(QUANT_METHOD)(HybridSparseConfig)
+    # let from_pretrained(quantization_config=HybridSparseConfig(use_kernels=True)) set loading attributes
+    types = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and HybridSparseConfig not in types:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, HybridSparseConfig)

@@ -145,11 +145,13 @@ class HybridSparseLinear(nn.Module):
         )
 
 
-def convert_to_hybrid_kernels(model: nn.Module, path: str = "auto", cache_dense: bool = False) -> list[str]:
+def convert_to_hybrid_kernels(model: nn.Module, path: str = "auto", cache_dense: bool = True) -> list[str]:
     """Replace every hybrid-pruned linear layer of ``model`` by a :class:`HybridSparseLinear`.
 
-    Layers pruned with other patterns, and fused MoE experts, stay as they are. Returns the names of
-    the converted layers.
+    Layers pruned with other patterns, and fused MoE experts, stay as they are. With ``cache_dense``
+    (default) the prefill path keeps an unpacked copy of each weight after its first use -- dense speed,
+    but dense memory on top of the packed bytes; ``cache_dense=False`` unpacks on every prefill call.
+    Returns the names of the converted layers.
     """
     converted = []
     for name, module in list(model.named_modules()):

@@ -74,10 +74,20 @@ class HybridSparseHfQuantizer(HfQuantizer):
             )
         restore_state(model, files)
         _wrap_save(model)
+        if getattr(self.quantization_config, "use_kernels", False):
+            from .linear import convert_to_hybrid_kernels
+
+            convert_to_hybrid_kernels(model)
         return model
 
     # -- saving -------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):
+        from .linear import HybridSparseLinear
+
+        if any(isinstance(m, HybridSparseLinear) for m in model.modules()):
+            raise StorageError(
+                "The model holds packed HybridSparseLinear layers; call convert_to_dense(model) before saving."
+            )
         state_dict = model.state_dict()
         modules = {}
         if self.compressed and any(t.kind == "experts" for t in _expert_free_check(model)):
