@@ -187,3 +187,11 @@ def test_eval_command_side_by_side(tiny_checkpoint, tmp_path, capsys):
     data = json.loads(out_json.read_text())
     assert data["dense"]["ppl wiki_offline tokens"] == 2 * 63
     assert data["dense"]["ppl wiki_offline"] != data[str(pruned)]["ppl wiki_offline"]
+
+
+def test_bench_command_on_cpu(capsys):
+    assert main(["bench", "--e2e", "tiny", "--new_tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 4096x4096 | 32.0 | 20.1 | 0.629 |" in out
+    assert "GPU timings: not measured" in out or "copy bandwidth" in out
+    assert "e2e generate (tiny" in out

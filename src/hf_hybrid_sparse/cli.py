@@ -460,6 +460,7 @@ COMMANDS = {
     "progressive": run_progressive_cmd,
     "finetune": run_finetune,
     "report": run_report,
+    "bench": lambda argv: __import__("hf_hybrid_sparse.bench", fromlist=["main"]).main(argv),
 }
 
 
