@@ -320,3 +320,16 @@ def test_report_renders_markdown_and_dict():
     assert d["tier_totals"] == report.tier_totals() and abs(d["sparsity"] - report.sparsity) < 1e-12
     assert report.calibration_tokens == 64 and report.seconds > 0
     assert sum(report.tier_totals().values()) == sum(m.numel for m in report.modules) // 256
+
+
+def test_offloaded_activations_give_the_same_masks_and_report_plots(tmp_path):
+    tokens = random_tokens(4, 32)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    apply_hybrid_sparsity(a, HybridSparseConfig(nsamples=4, seqlen=32, batch_size=2), tokens)
+    report = apply_hybrid_sparsity(
+        b, HybridSparseConfig(nsamples=4, seqlen=32, batch_size=2, offload_activations=True), tokens
+    )
+    ma, mb = sparsity_masks(a), sparsity_masks(b)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    png = report.plot_tier_maps(b, str(tmp_path / "tiers.png"))
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -172,8 +172,11 @@ def push_to_hub(
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
 
 
-def plot_tier_maps(directory: str | os.PathLike, out_file: str | os.PathLike, max_modules: int = 28) -> Path:
-    """Draw the tier maps of a saved model into an image (needs the ``[viz]`` extra: matplotlib)."""
+def plot_tier_maps(source: Any, out_file: str | os.PathLike, max_modules: int = 28) -> Path:
+    """Draw tier maps into an image (needs the ``[viz]`` extra: matplotlib).
+
+    ``source`` is a saved model folder, a pruned model, or a ``{name: tier_map}`` dict.
+    """
     try:
         import matplotlib
 
@@ -184,11 +187,16 @@ def plot_tier_maps(directory: str | os.PathLike, out_file: str | os.PathLike, ma
         raise ImportError(
             "Plotting tier maps needs matplotlib: pip install 'hf-hybrid-sparse[viz]'"
         ) from None
-    maps = read_sparsity_summary(directory)["tier_maps"]
+    if isinstance(source, dict):
+        maps = source
+    elif isinstance(source, (str, os.PathLike)):
+        maps = read_sparsity_summary(source)["tier_maps"]
+    else:
+        from .engine import tier_maps
+
+        maps = tier_maps(source)
     if not maps:
-        raise StorageError(
-            f"{directory} holds no tier maps (the model was not pruned with pattern='hybrid')."
-        )
+        raise StorageError("no tier maps to draw (the model was not pruned with pattern='hybrid').")
     names = list(maps)[:max_modules]
     cols = min(7, len(names))
     rows = (len(names) + cols - 1) // cols

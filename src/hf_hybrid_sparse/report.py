@@ -82,5 +82,11 @@ class SparsityReport:
         )
         return "\n".join(lines)
 
+    def plot_tier_maps(self, model: Any, out_file: str) -> Any:
+        """Draw the model's tier maps into ``out_file`` (PNG; extra ``[viz]``)."""
+        from .hub import plot_tier_maps
+
+        return plot_tier_maps(model, out_file)
+
     def __str__(self) -> str:
         return self.to_markdown()
