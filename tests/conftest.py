@@ -6,6 +6,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+from hypothesis import settings  # noqa: E402
+
+# CI explores the same examples every run (no flaky red); locally hypothesis keeps searching anew
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
