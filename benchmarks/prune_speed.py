@@ -37,24 +37,11 @@ def _load(name: str, device: str):
         model, _ = load_model_and_tokenizer()
         vocab = model.config.vocab_size
     else:
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from hf_hybrid_sparse.bench import random_llama
 
-        shapes = {
-            "llama2-7b-shape": dict(
-                hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
-            ),
-            "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        }[name]
-        cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **shapes)
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        model.to_empty(device="cpu")
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, 0.02, generator=gen)
-        vocab = cfg.vocab_size
+        # built on the CPU: pruning moves one block at a time to the compute device
+        model = random_llama(name, "cpu", torch.float16 if device.startswith("cuda") else torch.float32)
+        vocab = model.config.vocab_size
     return model.eval(), vocab
 
 

@@ -11,6 +11,23 @@ from hf_hybrid_sparse.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _prune_quietly(checkpoint, out, *extra):
+    """`prune` a tiny checkpoint with small calibration and no evaluation into ``out``."""
+    args = [
+        "prune",
+        "--model",
+        str(checkpoint),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--skip_eval",
+        "--save",
+        str(out),
+    ]
+    assert main([*args, *extra]) == 0
+
+
 def test_prune_command_end_to_end(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(
@@ -81,25 +98,7 @@ def test_example_prune_any_architecture_runs():
 @pytest.mark.parametrize("lora", ["0", "4"])
 def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
     pruned = tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "prune",
-                "--model",
-                str(tiny_checkpoint),
-                "--pattern",
-                "2:4",
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "64",
-                "--skip_eval",
-                "--save",
-                str(pruned),
-            ]
-        )
-        == 0
-    )
+    _prune_quietly(tiny_checkpoint, pruned, "--pattern", "2:4")
     out = tmp_path / "ft"
     code = main(
         [
@@ -145,23 +144,7 @@ def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
 
 def test_eval_command_side_by_side(tiny_checkpoint, tmp_path, capsys):
     pruned = tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "prune",
-                "--model",
-                str(tiny_checkpoint),
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "64",
-                "--skip_eval",
-                "--save",
-                str(pruned),
-            ]
-        )
-        == 0
-    )
+    _prune_quietly(tiny_checkpoint, pruned)
     capsys.readouterr()
     out_json = tmp_path / "eval.json"
     assert (

@@ -107,32 +107,44 @@ def gpu_tables(copies: int) -> None:
             )
 
 
+LLAMA_SHAPES = {
+    "llama2-7b-shape": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+    ),
+    "e2e-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
+
+
+def random_llama(shape: str, device: str, dtype: torch.dtype | None = None, seed: int = 0):
+    """A Llama of one of :data:`LLAMA_SHAPES` with N(0, 0.02) weights, built on ``device``.
+
+    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **LLAMA_SHAPES[shape])
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
 def e2e(shape: str, new_tokens: int) -> None:
     """Greedy generate tokens/s, dense vs packed hybrid layers, same model and prompt."""
     import time
-
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from .config import HybridSparseConfig
     from .engine import apply_hybrid_sparsity
     from .linear import convert_to_hybrid_kernels
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dims = {
-        "llama2-7b": dict(
-            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
-        ),
-        "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
-    }[shape]
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **dims)
-    dtype = torch.float16 if dev == "cuda" else torch.float32
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.to_empty(device=dev)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    model.eval()
+    model = random_llama({"llama2-7b": "llama2-7b-shape", "tiny": "e2e-tiny"}[shape], dev)
     apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude", pattern="hybrid"))
     prompt = torch.randint(0, 32000, (1, 32), device=dev)
 

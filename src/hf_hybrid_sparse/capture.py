@@ -112,7 +112,7 @@ def capture_block_inputs(
         saved.append((block, had_own, block.__dict__.get("forward")))
         block.forward = make_recorder(i, block, block.forward)
     try:
-        device = _input_device(model)
+        device = input_device(model)
         for batch in batches:
             try:
                 with torch.no_grad():
@@ -149,7 +149,8 @@ def _probe_output_structure(block, original, hidden, args, kwargs, in_kwargs) ->
     return None if isinstance(real, torch.Tensor) else len(real)
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's token ids should go: its input embedding's device (the first real one otherwise)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         w = getattr(emb, "weight", None)

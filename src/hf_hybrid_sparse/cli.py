@@ -137,8 +137,8 @@ def run_prune(argv: list[str]) -> int:
     hf_logging.enable_progress_bar()
     model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
 
-    def ppl() -> float:
-        res = perplexity(
+    def ppl():
+        return perplexity(
             model,
             tokenizer,
             eval_args.eval_data,
@@ -146,7 +146,6 @@ def run_prune(argv: list[str]) -> int:
             max_windows=eval_args.eval_windows,
             batch_size=eval_args.eval_batch_size,
         )
-        return res
 
     before = None if eval_args.skip_eval else ppl()
     if before is not None:

@@ -26,8 +26,7 @@ from .patterns import TIER_NAMES
 from .pruning import check_previous_tiers, prune_matrix, shape_problem
 from .quantizer import attach
 from .report import ModuleReport, SparsityReport
-from .scoring import InputStats
-from .state import ParamSparsity, get_state, set_param_state
+from .state import ParamSparsity, get_state, iter_sparse_params, set_param_state
 
 logger = hf_logging.get_logger(__name__)
 
@@ -301,22 +300,18 @@ def apply_hybrid_sparsity(
 
 def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<module>.<param>": keep_mask}`` for every pruned parameter (parameter layout)."""
-    from .state import iter_sparse_params
-
     return {f"{name}.{pname}": st.mask for name, _, pname, st in iter_sparse_params(model)}
 
 
 def tier_maps(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<module>.<param>" or expert name: tier_map}`` for every hybrid-pruned parameter."""
-    from .state import iter_sparse_params
-
     out = {}
-    for name, module, pname, st in iter_sparse_params(model):
+    for name, _, pname, st in iter_sparse_params(model):
         if st.tier_map is None:
             continue
-        key = name if isinstance(module, nn.Linear) or pname == "weight" else f"{name}.{pname}"
+        key = name if pname == "weight" else f"{name}.{pname}"
         out[key] = st.tier_map
     return out
 
 
-__all__ = ["apply_hybrid_sparsity", "sparsity_masks", "tier_maps", "InputStats"]
+__all__ = ["apply_hybrid_sparsity", "sparsity_masks", "tier_maps"]

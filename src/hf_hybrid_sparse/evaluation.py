@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from .capture import input_device
 from .data import resolve_texts_or_tokens, tokenize_joined
 from .errors import CalibrationError
 
@@ -69,11 +70,7 @@ def perplexity(
             f"perplexity: scoring {n_windows} windows of {seqlen}; {dropped} trailing tokens not used"
         )
     windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
-    device = (
-        next(p.device for p in model.parameters() if p.device.type != "meta")
-        if any(p.device.type != "meta" for p in model.parameters())
-        else torch.device("cpu")
-    )
+    device = input_device(model)
     total = 0.0
     for start in hf_logging.tqdm(range(0, n_windows, batch_size), desc="Perplexity", unit="batch"):
         batch = windows[start : start + batch_size].to(device)

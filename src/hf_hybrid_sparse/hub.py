@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .patterns import TIER_NAMES
-from .serialization import METADATA_KEY, StorageError, parse_metadata
+from .serialization import StorageError
 
 TEMPLATE_NAME = "hybrid_sparse.md"
 
@@ -36,19 +36,13 @@ def read_sparsity_summary(directory: str | os.PathLike) -> dict[str, Any]:
     Reads no weight data, so it is fast for any model size. Raises :class:`StorageError` when the
     folder holds no hybrid-sparse metadata.
     """
-    from safetensors import safe_open
+    from .quantizer import read_metadata
 
     folder = Path(directory)
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(str(p) for p in folder.glob("*.safetensors"))
     if not files:
         raise StorageError(f"{folder} contains no .safetensors files.")
-    doc = None
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if METADATA_KEY in meta:
-            doc = parse_metadata(meta[METADATA_KEY])
-            break
+    doc = read_metadata(files)
     if doc is None:
         raise StorageError(f"{folder} has no hybrid-sparse metadata (was it saved by hf-hybrid-sparse?).")
     layers = []

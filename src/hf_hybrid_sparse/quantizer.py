@@ -90,7 +90,7 @@ class HybridSparseHfQuantizer(HfQuantizer):
             )
         state_dict = model.state_dict()
         modules = {}
-        if self.compressed and any(t.kind == "experts" for t in _expert_free_check(model)):
+        if self.compressed and any(getattr(m, p).dim() == 3 for _, m, p, _ in iter_sparse_params(model)):
             raise StorageError(
                 "compressed=True does not support fused MoE expert weights yet (transformers re-splits them per "
                 "expert on save); save this model with the plain layout."
@@ -115,7 +115,7 @@ class HybridSparseHfQuantizer(HfQuantizer):
             }
             if self.compressed and state.tier_map is not None:
                 # DENSE blocks are all kept: their mask bits carry nothing, store only the others
-                informative = _non_dense(state, param.shape)
+                informative = _non_dense(state.tier_map, state.block_size, state.transposed, param.shape)
                 state_dict[mask_key] = pack_bits(state.mask.cpu()[informative])
                 modules[key]["mask_scope"] = "nondense"
             else:
@@ -141,28 +141,47 @@ class HybridSparseHfQuantizer(HfQuantizer):
         return True
 
 
-def _expert_free_check(model):
-    from .discovery import Target
-
-    for name, module, pname, _ in iter_sparse_params(model):
-        if getattr(module, pname).dim() == 3:
-            yield Target(f"{name}.{pname}", name, module, pname, "experts")
-
-
-def _non_dense(state: ParamSparsity, shape) -> torch.Tensor:
+def _non_dense(tier_map: torch.Tensor, block_size: int, transposed: bool, shape) -> torch.Tensor:
     """Bool tensor of the parameter's shape: True where the weight is in a non-DENSE block."""
     from .patterns import DENSE, expand_tiers
 
-    tiers = state.tier_map.cpu()
+    tiers = tier_map.cpu()
     per = (
-        torch.stack([expand_tiers(t, state.block_size) for t in tiers])
+        torch.stack([expand_tiers(t, block_size) for t in tiers])
         if tiers.dim() == 3
-        else expand_tiers(tiers, state.block_size)
+        else expand_tiers(tiers, block_size)
     )
-    per = per.transpose(-1, -2) if state.transposed else per
+    per = per.transpose(-1, -2) if transposed else per
     if tuple(per.shape) != tuple(shape):
         raise StorageError(f"tier map does not cover a parameter of shape {list(shape)}.")
     return per != DENSE
+
+
+def _tensor(
+    key: str, what: str, tensor_key: str, where: dict[str, str], handles: dict[str, Any]
+) -> torch.Tensor:
+    """Read ``tensor_key`` from whichever checkpoint file holds it (files opened once, kept in ``handles``)."""
+    from safetensors import safe_open
+
+    if tensor_key not in where:
+        raise StorageError(f"{key}: its {what} tensor {tensor_key!r} is missing from the checkpoint.")
+    path = where[tensor_key]
+    if path not in handles:
+        handles[path] = safe_open(path, framework="pt")
+    return handles[path].get_tensor(tensor_key)
+
+
+def load_mask(key: str, entry: dict, where: dict[str, str], handles: dict[str, Any]) -> torch.Tensor:
+    """The full keep-mask of a parsed metadata ``entry`` (either mask layout), in the parameter's shape."""
+    packed = _tensor(key, "mask", entry["mask"], where, handles)
+    if entry.get("mask_scope", "all") != "nondense":
+        return unpack_bits(packed, entry["shape"])
+    if entry["tier_map"] is None:
+        raise StorageError(f"{key}: a 'nondense' mask needs a tier map.")
+    informative = _non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
+    mask = torch.ones(entry["shape"], dtype=torch.bool)
+    mask[informative] = unpack_bits(packed, (int(informative.sum()),))
+    return mask
 
 
 def read_metadata(files: list[str], where: dict[str, str] | None = None) -> dict | None:
@@ -194,8 +213,6 @@ def read_metadata(files: list[str], where: dict[str, str] | None = None) -> dict
 
 def restore_state(model: torch.nn.Module, files: list[str]) -> None:
     """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``."""
-    from safetensors import safe_open
-
     where: dict[str, str] = {}
     doc = read_metadata(files, where)
     if doc is None:
@@ -220,28 +237,7 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
                 raise StorageError(
                     f"{key}: the saved mask has shape {list(entry['shape'])} but the parameter has {list(param.shape)}."
                 )
-            mask_key = entry["mask"]
-            if mask_key not in where:
-                raise StorageError(f"{key}: its mask tensor {mask_key!r} is missing from the checkpoint.")
-            path = where[mask_key]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="pt")
-            if entry.get("mask_scope", "all") == "nondense":
-                if entry["tier_map"] is None:
-                    raise StorageError(f"{key}: a 'nondense' mask needs a tier map.")
-                probe = ParamSparsity(
-                    torch.ones(0),
-                    entry["tier_map"],
-                    "",
-                    "",
-                    entry["block_size"],
-                    transposed=entry["transposed"],
-                )
-                informative = _non_dense(probe, entry["shape"])
-                mask = torch.ones(entry["shape"], dtype=torch.bool)
-                mask[informative] = unpack_bits(handles[path].get_tensor(mask_key), (int(informative.sum()),))
-            else:
-                mask = unpack_bits(handles[path].get_tensor(mask_key), entry["shape"])
+            mask = load_mask(key, entry, where, handles)
             if int(mask.sum()) != entry["kept"]:
                 raise StorageError(
                     f"{key}: the mask keeps {int(mask.sum())} weights, the metadata says {entry['kept']}."
@@ -274,15 +270,7 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
 
 
 def _fill_from_values(key, param, mask, entry, where, handles) -> None:
-    from safetensors import safe_open
-
-    values_key = entry["values"]
-    if values_key not in where:
-        raise StorageError(f"{key}: its values tensor {values_key!r} is missing from the checkpoint.")
-    path = where[values_key]
-    if path not in handles:
-        handles[path] = safe_open(path, framework="pt")
-    values = handles[path].get_tensor(values_key)
+    values = _tensor(key, "values", entry["values"], where, handles)
     if values.dim() != 1 or values.numel() != entry["kept"]:
         raise StorageError(f"{key}: {values.numel()} stored values for {entry['kept']} kept weights.")
     if param.device.type == "meta":

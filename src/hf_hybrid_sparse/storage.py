@@ -1,4 +1,4 @@
-"""Saving pruned models atomically, and reading a saved model's sparsity metadata without its weights."""
+"""Saving pruned models atomically: write a temporary sibling folder, then rename it into place."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,9 @@ _MODEL_FILES = re.compile(
 )
 
 
-def save_pretrained(
-    model: Any, save_directory: str | os.PathLike, compressed: bool = False, **kwargs: Any
-) -> None:
-    """``model.save_pretrained`` that leaves either the complete new folder or the old one, never a mix.
+def _atomic_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling folder, then put it in place of ``save_directory``.
 
-    With ``compressed=True`` pruned weights are stored as kept values plus masks (see
-    :mod:`hf_hybrid_sparse.serialization`); such a folder needs this package to load. Everything is written to a temporary sibling folder, which is renamed into place once complete.
     Files in an existing folder that the save does not own (e.g. a Trainer's optimizer state) are moved
     into the new folder first; the old model files are dropped with the old folder.
     """
@@ -36,22 +33,13 @@ def save_pretrained(
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the saved model should look like any other folder
-    quantizer = getattr(model, "hf_quantizer", None)
-    if compressed and not hasattr(quantizer, "compressed"):
-        raise ValueError(
-            "compressed=True needs a model pruned by hf-hybrid-sparse (it has no sparsity state)."
-        )
     try:
-        if compressed:
-            quantizer.compressed = True
-        type(model).save_pretrained(model, tmp, **kwargs)
+        write(tmp)
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if compressed:
-            quantizer.compressed = False
+    return target
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -67,6 +55,33 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def save_pretrained(
+    model: Any, save_directory: str | os.PathLike, compressed: bool = False, **kwargs: Any
+) -> None:
+    """``model.save_pretrained`` that leaves either the complete new folder or the old one, never a mix.
+
+    With ``compressed=True`` pruned weights are stored as kept values plus masks (see
+    :mod:`hf_hybrid_sparse.serialization`); such a folder needs this package to load. See
+    :func:`_atomic_folder` for how the folder is replaced.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if compressed and not hasattr(quantizer, "compressed"):
+        raise ValueError(
+            "compressed=True needs a model pruned by hf-hybrid-sparse (it has no sparsity state)."
+        )
+
+    def write(tmp: Path) -> None:
+        if compressed:
+            quantizer.compressed = True
+        try:
+            type(model).save_pretrained(model, tmp, **kwargs)
+        finally:
+            if compressed:
+                quantizer.compressed = False
+
+    _atomic_folder(save_directory, write)
+
+
 def save_pruned(
     model: Any,
     save_directory: str | os.PathLike,
@@ -76,30 +91,16 @@ def save_pruned(
 ) -> Path:
     """Save ``model`` (with its sparsity state), its tokenizer, the pruning report and ``extra``
     JSON files (``{file name: data}``), all at once: the folder appears complete or not at all."""
-    target = Path(save_directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.extra-", dir=target.parent))
-    try:
+    files = dict(extra or {})
+    if report is not None:
+        files[REPORT_FILE] = report
+
+    def write(tmp: Path) -> None:
+        type(model).save_pretrained(model, tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if report is not None:
-            with open(staging / REPORT_FILE, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2)
-        for name, data in (extra or {}).items():
-            with open(staging / name, "w", encoding="utf-8") as fh:
+            tokenizer.save_pretrained(tmp)
+        for name, data in files.items():
+            with open(tmp / name, "w", encoding="utf-8") as fh:
                 json.dump(data, fh, indent=2)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            type(model).save_pretrained(model, tmp)
-            for entry in staging.iterdir():
-                os.replace(entry, tmp / entry.name)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
-            _swap_into_place(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return _atomic_folder(save_directory, write)

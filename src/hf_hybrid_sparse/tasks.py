@@ -105,7 +105,9 @@ def generate(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = next(p.device for p in model.parameters())
+    from .capture import input_device
+
+    device = input_device(model)
     outputs = []
     try:
         for start in hf_logging.tqdm(range(0, len(prompts), batch_size), desc="Generating", unit="batch"):

@@ -210,10 +210,7 @@ def check_checkpoint_masks(model: nn.Module, checkpoint_dir: str) -> None:
     """Raise :class:`SparsityError` if the masks saved in ``checkpoint_dir`` differ from ``model``'s."""
     from pathlib import Path
 
-    from safetensors import safe_open
-
-    from .quantizer import read_metadata
-    from .serialization import unpack_bits
+    from .quantizer import load_mask, read_metadata
 
     files = sorted(str(p) for p in Path(checkpoint_dir).glob("*.safetensors"))
     where: dict[str, str] = {}
@@ -221,6 +218,7 @@ def check_checkpoint_masks(model: nn.Module, checkpoint_dir: str) -> None:
     if doc is None:
         return  # a checkpoint without sparsity metadata (e.g. adapter-only): nothing to compare
     mine = {f"{n}.{p}": s for n, _, p, s in iter_sparse_params(model)}
+    handles: dict = {}
     # adapter-wrapped models name modules differently: compare by suffix
     for key, entry in doc["modules"].items():
         match = mine.get(key) or next(
@@ -228,10 +226,9 @@ def check_checkpoint_masks(model: nn.Module, checkpoint_dir: str) -> None:
         )
         if match is None:
             raise SparsityError(f"The checkpoint has a mask for {key} but the model has none there.")
-        if entry.get("mask_scope", "all") != "all" or entry["mask"] not in where:
+        if entry["mask"] not in where:
             continue
-        with safe_open(where[entry["mask"]], framework="pt") as fh:
-            saved = unpack_bits(fh.get_tensor(entry["mask"]), entry["shape"])
+        saved = load_mask(key, entry, where, handles)
         if not torch.equal(saved, match.mask.cpu()):
             raise SparsityError(
                 f"{key}: the checkpoint's mask differs from the model's ({int((saved != match.mask.cpu()).sum())} "
