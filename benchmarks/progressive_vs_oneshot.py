@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import tempfile
 import time
 
-import torch
+from _common import write_json
 from transformers.utils import logging as hf_logging
 
 from hf_hybrid_sparse import HybridSparseConfig
 from hf_hybrid_sparse.models import load_model_and_tokenizer
-from hf_hybrid_sparse.progressive import ProgressiveSettings, run_progressive, summary_markdown
-from hf_hybrid_sparse.schedule import load_schedule, parse_rows
+from hf_hybrid_sparse.training.progressive import ProgressiveSettings, run_progressive, summary_markdown
+from hf_hybrid_sparse.training.schedule import load_schedule, parse_rows
 
 
 def main() -> None:
@@ -82,15 +80,11 @@ def main() -> None:
             copy.deepcopy(model), tok, one, settings(3 * args.steps), f"{out}/oneshot", model_id="smollm2"
         )
         results["oneshot"] = {"summary": shot, "seconds": time.perf_counter() - t0}
-    results["setup"] = vars(args) | {
-        "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-    }
-    with open(args.json, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print("progressive:\n" + summary_markdown(prog))
-    print("one-shot:\n" + summary_markdown(shot))
-    print(
+    results["setup"] = vars(args)
+    write_json(args.json, results)
+    out("progressive:\n" + summary_markdown(prog))
+    out("one-shot:\n" + summary_markdown(shot))
+    out(
         f"final perplexity: progressive {prog[-1]['perplexity']:.2f}, one-shot {shot[-1]['perplexity']:.2f} "
         f"(same {3 * args.steps} fine-tuning steps in total)"
     )

@@ -37,7 +37,7 @@ def _load(name: str, device: str):
         model, _ = load_model_and_tokenizer()
         vocab = model.config.vocab_size
     else:
-        from hf_hybrid_sparse.bench import random_llama
+        from _common import random_llama
 
         # built on the CPU: pruning moves one block at a time to the compute device
         model = random_llama(name, "cpu", torch.float16 if device.startswith("cuda") else torch.float32)
@@ -67,8 +67,8 @@ def run_variant(args) -> dict:
     base = dict(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device)
     start = time.perf_counter()
     if args.variant == "floor":
-        from hf_hybrid_sparse.capture import capture_block_inputs
-        from hf_hybrid_sparse.discovery import find_decoder_blocks
+        from hf_hybrid_sparse.engine.capture import capture_block_inputs
+        from hf_hybrid_sparse.engine.discovery import find_decoder_blocks
 
         _, blocks = find_decoder_blocks(model)
         dev = torch.device(args.device)

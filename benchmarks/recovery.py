@@ -13,25 +13,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import tempfile
-import time
 
-import torch
+from _common import out, smollm2_perplexity, train, write_json
 from peft import LoraConfig
-from transformers import TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from hf_hybrid_sparse import (
     HybridSparseConfig,
-    SparseTrainer,
     apply_hybrid_sparsity,
     get_sparse_peft_model,
     merge_sparse_lora,
-    perplexity,
     sparsity_masks,
 )
-from hf_hybrid_sparse.data import lm_dataset
+from hf_hybrid_sparse.data.calibration import lm_dataset
 from hf_hybrid_sparse.models import load_model_and_tokenizer
 
 
@@ -47,10 +41,7 @@ def main() -> None:
     model, tok = load_model_and_tokenizer()
 
     def ppl(m):
-        m.eval()
-        return perplexity(
-            m, tok, "wiki_offline", seqlen=args.seqlen, max_windows=args.eval_windows
-        ).perplexity
+        return smollm2_perplexity(m, tok, args.seqlen, args.eval_windows)
 
     results = {"dense": ppl(model)}
     apply_hybrid_sparsity(
@@ -60,29 +51,10 @@ def main() -> None:
         tokenizer=tok,
     )
     results["pruned"] = ppl(model)
-    train = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=args.steps * args.batch)
-
-    def run(target, lr):
-        with tempfile.TemporaryDirectory() as out:
-            targs = TrainingArguments(
-                output_dir=out,
-                max_steps=args.steps,
-                per_device_train_batch_size=args.batch,
-                learning_rate=lr,
-                lr_scheduler_type="constant",
-                weight_decay=0.0,
-                use_cpu=True,
-                report_to=[],
-                save_strategy="no",
-                logging_steps=5,
-                disable_tqdm=True,
-            )
-            start = time.perf_counter()
-            SparseTrainer(model=target, args=targs, train_dataset=train).train()
-            return time.perf_counter() - start
+    data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=args.steps * args.batch)
 
     full = copy.deepcopy(model)
-    seconds = run(full, 5e-5)
+    seconds = train(full, data, args.steps, args.batch, 5e-5)
     results["full"] = {"perplexity": ppl(full), "seconds": seconds, "lr": 5e-5}
     lora_model = get_sparse_peft_model(
         copy.deepcopy(model),
@@ -92,7 +64,7 @@ def main() -> None:
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ),
     )
-    seconds = run(lora_model, 5e-4)
+    seconds = train(lora_model, data, args.steps, args.batch, 5e-4)
     merged, _ = merge_sparse_lora(lora_model)
     results["lora"] = {"perplexity": ppl(merged), "seconds": seconds, "lr": 5e-4}
     for name in ("full", "lora"):
@@ -107,13 +79,10 @@ def main() -> None:
         "batch": args.batch,
         "seqlen": args.seqlen,
         "eval_tokens": args.eval_windows * (args.seqlen - 1),
-        "machine": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
     }
-    with open(args.json, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(json.dumps(results, indent=2))
-    print(
+    write_json(args.json, results)
+    out(json.dumps(results, indent=2))
+    out(
         f"\n| model | held-out perplexity | train time |\n|---|---:|---:|\n| dense | {results['dense']:.2f} | |"
         f"\n| Wanda 50% | {results['pruned']:.2f} | |"
         f"\n| + full FT, {args.steps} steps | {results['full']['perplexity']:.2f} | {results['full']['seconds']:.0f} s |"

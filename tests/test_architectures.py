@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, random_tokens, tiny_model
 
 from hf_hybrid_sparse import DENSE, NM, TOPK, HybridSparseConfig, apply_hybrid_sparsity, iter_sparse_params
-from hf_hybrid_sparse.patterns import check_hybrid, tier_counts
+from hf_hybrid_sparse.pruning.patterns import check_hybrid, tier_counts
 
 PATTERNS = {
     "unstructured": dict(pattern="unstructured", sparsity=0.5),
@@ -100,8 +100,8 @@ def test_every_linear_in_every_block_is_found():
 
 def test_mixtral_experts_are_calibrated_on_their_routed_tokens():
     """Per-expert Wanda statistics equal the norms of exactly the tokens the router sent to that expert."""
-    from hf_hybrid_sparse.collect import collecting, eager_experts
-    from hf_hybrid_sparse.discovery import find_targets
+    from hf_hybrid_sparse.engine.discovery import find_targets
+    from hf_hybrid_sparse.engine.statistics import collecting, eager_experts
 
     model = tiny_model("mixtral")
     moe = model.model.layers[0].mlp

@@ -8,8 +8,14 @@ import torch
 from datasets import Dataset
 
 from hf_hybrid_sparse import CalibrationError, perplexity
-from hf_hybrid_sparse.corpora import calibration_windows, eval_tokens, mixture_counts, named, parse_mixture
-from hf_hybrid_sparse.data import get_calibration_samples
+from hf_hybrid_sparse.data.calibration import get_calibration_samples
+from hf_hybrid_sparse.data.corpora import (
+    calibration_windows,
+    eval_tokens,
+    mixture_counts,
+    named,
+    parse_mixture,
+)
 
 WORDS = [
     "the",

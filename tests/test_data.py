@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from hf_hybrid_sparse import CalibrationError
-from hf_hybrid_sparse.data import get_calibration_samples, load_offline_corpus, resolve_texts_or_tokens
+from hf_hybrid_sparse.data.calibration import (
+    get_calibration_samples,
+    load_offline_corpus,
+    resolve_texts_or_tokens,
+)
 
 
 def test_offline_corpus_splits_are_disjoint_and_real():

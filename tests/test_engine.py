@@ -18,10 +18,10 @@ from hf_hybrid_sparse import (
     sparsity_masks,
     tier_maps,
 )
-from hf_hybrid_sparse.collect import collecting
-from hf_hybrid_sparse.discovery import find_decoder_blocks, find_targets
-from hf_hybrid_sparse.patterns import unstructured_mask
-from hf_hybrid_sparse.scoring import InputStats, wanda_scores
+from hf_hybrid_sparse.engine.discovery import find_decoder_blocks, find_targets
+from hf_hybrid_sparse.engine.statistics import collecting
+from hf_hybrid_sparse.pruning.patterns import unstructured_mask
+from hf_hybrid_sparse.pruning.scoring import InputStats, wanda_scores
 
 
 def test_wanda_hand_checked_example():
@@ -291,7 +291,7 @@ def test_bad_calibration_data():
 
 
 def test_failure_mid_run_names_block_and_module(monkeypatch):
-    import hf_hybrid_sparse.engine as engine
+    import hf_hybrid_sparse.engine.sequential as engine
 
     real = engine.prune_matrix
     calls = {"n": 0}

@@ -6,8 +6,9 @@ from huggingface_hub import ModelCard
 from tiny_models import random_tokens, tiny_model
 
 from hf_hybrid_sparse import HybridSparseConfig, StorageError, apply_hybrid_sparsity
+from hf_hybrid_sparse.checkpoint.hub import push_to_hub, render_model_card
+from hf_hybrid_sparse.checkpoint.reader import read_sparsity_summary
 from hf_hybrid_sparse.cli import main
-from hf_hybrid_sparse.hub import push_to_hub, read_sparsity_summary, render_model_card
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ import torch
 from tiny_models import random_tokens, tiny_model
 
 from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity
-from hf_hybrid_sparse.linear import HybridSparseLinear, convert_to_dense, convert_to_hybrid_kernels
-from hf_hybrid_sparse.packing import PackingError, dense_fp16_bytes, pack, unpack
-from hf_hybrid_sparse.patterns import assign_tiers, block_scores, hybrid_mask
+from hf_hybrid_sparse.errors import PackingError
+from hf_hybrid_sparse.kernels.linear import HybridSparseLinear, convert_to_dense, convert_to_hybrid_kernels
+from hf_hybrid_sparse.kernels.packing import dense_fp16_bytes, pack, unpack
+from hf_hybrid_sparse.pruning.patterns import assign_tiers, block_scores, hybrid_mask
 
 
 def random_hybrid(out_f, in_f, dtype=torch.float32, ratios=(0.35, 0.45, 0.20), seed=0, k=15):
@@ -119,8 +120,8 @@ INTERPRETER_CHECK = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_kernels import random_hybrid
-    from hf_hybrid_sparse.kernels import decode
-    from hf_hybrid_sparse.packing import pack
+    from hf_hybrid_sparse.kernels.triton_decode import decode
+    from hf_hybrid_sparse.kernels.packing import pack
     worst = 0.0
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)):
         for tokens, k in ((1, 15), (5, 15), (16, 7)):
@@ -157,7 +158,7 @@ def test_triton_decode_kernel_under_the_interpreter():
 def test_triton_decode_on_gpu_real_shapes(shape, tokens):
     w, mask, tiers = random_hybrid(*shape, torch.float16, seed=tokens)
     packed = pack(w, mask, tiers, 15).to("cuda")
-    from hf_hybrid_sparse.kernels import decode
+    from hf_hybrid_sparse.kernels.triton_decode import decode
 
     x = torch.randn(tokens, shape[1], device="cuda", dtype=torch.float16)
     out = torch.full((tokens, shape[0]), float("nan"), device="cuda", dtype=torch.float16)

@@ -10,7 +10,7 @@ pytest.importorskip(
     "lm_eval", reason="lm-eval is the [eval] extra; .ci/run installs it, so CI runs this test"
 )
 
-from hf_hybrid_sparse.tasks import zero_shot  # noqa: E402
+from hf_hybrid_sparse.evaluation.zero_shot import zero_shot  # noqa: E402
 
 ITEMS = [
     ("The capital of France is", [" Paris", " a banana"], 0),

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_hybrid_sparse import DENSE, NM, TOPK, TierMapError
-from hf_hybrid_sparse.patterns import (
+from hf_hybrid_sparse.pruning.patterns import (
     assign_tiers,
     block_scores,
     check_hybrid,

@@ -18,10 +18,11 @@ from hf_hybrid_sparse import (
     apply_hybrid_sparsity,
     tier_maps,
 )
-from hf_hybrid_sparse.patterns import check_hybrid, tier_counts
-from hf_hybrid_sparse.progressive import ProgressiveSettings, run_progressive
-from hf_hybrid_sparse.schedule import ScheduleError, load_schedule, parse_rows
+from hf_hybrid_sparse.errors import ScheduleError
+from hf_hybrid_sparse.pruning.patterns import check_hybrid, tier_counts
 from hf_hybrid_sparse.state import iter_sparse_params
+from hf_hybrid_sparse.training.progressive import ProgressiveSettings, run_progressive
+from hf_hybrid_sparse.training.schedule import load_schedule, parse_rows
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROWS = [
@@ -204,7 +205,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, family, monkey
     assert not (tmp_path / "a" / "iteration-002").exists()
     run_progressive(tiny_model(family), None, sched, _settings(), tmp_path / "a", model_id=family)
     # (b) killed in the middle of iteration 2 (during fine-tuning)
-    import hf_hybrid_sparse.progressive as prog
+    import hf_hybrid_sparse.training.progressive as prog
 
     real = prog._finetune
 

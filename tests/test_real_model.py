@@ -6,9 +6,9 @@ import math
 import torch
 
 from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity, perplexity
-from hf_hybrid_sparse.data import get_calibration_samples
-from hf_hybrid_sparse.pruning import prune_matrix
-from hf_hybrid_sparse.scoring import InputStats
+from hf_hybrid_sparse.data.calibration import get_calibration_samples
+from hf_hybrid_sparse.pruning.matrix import prune_matrix
+from hf_hybrid_sparse.pruning.scoring import InputStats
 
 CALIB = dict(nsamples=16, seqlen=256, batch_size=8)
 

@@ -23,13 +23,8 @@ from hf_hybrid_sparse import (
     sparsity_masks,
     tier_maps,
 )
-from hf_hybrid_sparse.serialization import (
-    decode_tier_map,
-    encode_tier_map,
-    pack_bits,
-    parse_metadata,
-    unpack_bits,
-)
+from hf_hybrid_sparse.bits import pack_bits, unpack_bits
+from hf_hybrid_sparse.checkpoint.format import decode_tier_map, encode_tier_map, parse_metadata
 
 
 def _assert_same_state(a, b):

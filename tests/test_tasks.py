@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from hf_hybrid_sparse.corpora import named
+from hf_hybrid_sparse.data.corpora import named
 from hf_hybrid_sparse.errors import CalibrationError
-from hf_hybrid_sparse.tasks import (
+from hf_hybrid_sparse.evaluation.tasks import (
     evaluate_gsm8k,
     evaluate_squad,
     gsm8k_correct,

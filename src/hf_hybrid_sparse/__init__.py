@@ -1,37 +1,43 @@
-"""hf-hybrid-sparse: Wanda-family pruning of Hugging Face causal LMs into hybrid block sparsity."""
+"""hf-hybrid-sparse: Wanda-family pruning of Hugging Face causal LMs into hybrid block sparsity.
 
+The flow (see ARCHITECTURE.md): a :class:`HybridSparseConfig` recipe -> the engine prunes the model
+block by block -> every pruned parameter carries its mask and tier map (:mod:`.state`) -> training,
+checkpoint and kernels read that state.
+"""
+
+from .api import apply_hybrid_sparsity
+from .checkpoint.quantizer import HybridSparseHfQuantizer
+from .checkpoint.quantizer import register as _register_quantizer
+from .checkpoint.saving import save_pretrained
 from .config import HybridSparseConfig, register
-from .engine import apply_hybrid_sparsity, sparsity_masks, tier_maps
+from .engine.report import SparsityReport
 from .errors import (
     CalibrationError,
     ConfigError,
     HybridSparseError,
     ModelStructureError,
+    PackingError,
     PruningError,
+    ScheduleError,
+    SparsityError,
+    StorageError,
     TierMapError,
 )
-from .evaluation import perplexity
-from .patterns import DENSE, NM, TOPK
-from .quantizer import HybridSparseHfQuantizer
-from .quantizer import register as _register_quantizer
-from .report import SparsityReport
-from .serialization import StorageError
-from .state import ParamSparsity, get_state, iter_sparse_params
-from .storage import save_pretrained
-
-__version__ = "0.1.0"
+from .evaluation.perplexity import perplexity
+from .pruning.patterns import DENSE, NM, TOPK
+from .state import ParamSparsity, get_state, iter_sparse_params, sparsity_masks, tier_maps
+from .version import __version__
 
 _LAZY = {
-    "SparseTrainer": "trainer",
-    "SparsityMaskCallback": "trainer",
-    "SparsityError": "trainer",
-    "get_sparse_peft_model": "lora",
-    "merge_sparse_lora": "lora",
-    "load_sparse_peft_model": "lora",
-    "MaskedLoraVariant": "lora",
-    "HybridSparseLinear": "linear",
-    "convert_to_hybrid_kernels": "linear",
-    "convert_to_dense": "linear",
+    "SparseTrainer": "training.trainer",
+    "SparsityMaskCallback": "training.trainer",
+    "get_sparse_peft_model": "training.lora",
+    "merge_sparse_lora": "training.lora",
+    "load_sparse_peft_model": "training.lora",
+    "MaskedLoraVariant": "training.lora",
+    "HybridSparseLinear": "kernels.linear",
+    "convert_to_hybrid_kernels": "kernels.linear",
+    "convert_to_dense": "kernels.linear",
 }
 
 
@@ -48,9 +54,9 @@ register()
 _register_quantizer()
 
 __all__ = [
+    "__version__",
     "SparseTrainer",
     "SparsityMaskCallback",
-    "SparsityError",
     "get_sparse_peft_model",
     "merge_sparse_lora",
     "load_sparse_peft_model",
@@ -60,7 +66,6 @@ __all__ = [
     "convert_to_dense",
     "HybridSparseConfig",
     "HybridSparseHfQuantizer",
-    "StorageError",
     "save_pretrained",
     "apply_hybrid_sparsity",
     "sparsity_masks",
@@ -79,4 +84,8 @@ __all__ = [
     "CalibrationError",
     "TierMapError",
     "PruningError",
+    "StorageError",
+    "SparsityError",
+    "PackingError",
+    "ScheduleError",
 ]

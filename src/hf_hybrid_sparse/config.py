@@ -59,29 +59,86 @@ class HybridSparseConfig(QuantizationConfigMixin):
             use_kernels=True))`` converts the hybrid layers to packed ``HybridSparseLinear`` after loading.
     """
 
-    method: str = "wanda"
-    pattern: str = "hybrid"
-    sparsity: float = 0.5
-    comparison_group: str = "row"
-    block_size: int = 16
-    tier_ratios: tuple[float, float, float] = (0.35, 0.45, 0.20)
-    tier_group: str = "layer"
-    nm: str = "2:4"
-    topk_per_block: int = 15
-    indivisible: str = "error"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    targets: list[str] | str | None = None
-    ignore: list[str] | str | None = field(default_factory=lambda: ["lm_head"])
-    dampening: float = 0.01
-    sparsegpt_blocksize: int = 128
-    device: str | None = None
-    offload_activations: bool = False
-    use_kernels: bool = False
-    format_version: int = 1
-    quant_method: str = QUANT_METHOD
+    method: str = field(
+        default="wanda",
+        metadata={
+            "help": "Score: magnitude (|W|), wanda (|W| * ||X_j||_2) or sparsegpt (OBS with weight update).",
+            "choices": list(METHODS),
+        },
+    )
+    pattern: str = field(
+        default="hybrid",
+        metadata={"help": "unstructured, an N:M string (N kept of every M inputs, e.g. 2:4) or hybrid."},
+    )
+    sparsity: float = field(default=0.5, metadata={"help": "Fraction pruned by the unstructured pattern."})
+    comparison_group: str = field(
+        default="row",
+        metadata={
+            "help": "unstructured: compare weights per output row (as Wanda) or per layer.",
+            "choices": list(GROUPS),
+        },
+    )
+    block_size: int = field(default=16, metadata={"help": "Side of the square blocks of the hybrid pattern."})
+    tier_ratios: tuple[float, float, float] = field(
+        default=(0.35, 0.45, 0.20),
+        metadata={"help": "Fractions of blocks that are DENSE, NM, TOPK (comma-separated, sum 1)."},
+    )
+    tier_group: str = field(
+        default="layer",
+        metadata={
+            "help": "Rank blocks across the whole layer or within each block-row.",
+            "choices": list(GROUPS),
+        },
+    )
+    nm: str = field(default="2:4", metadata={"help": "N:M pattern inside NM blocks, along the input."})
+    topk_per_block: int = field(default=15, metadata={"help": "Weights kept in a TOPK block."})
+    indivisible: str = field(
+        default="error",
+        metadata={
+            "help": "Layers whose shape does not tile: error, or skip (left dense, listed in the report).",
+            "choices": ["error", "skip"],
+        },
+    )
+    nsamples: int = field(default=128, metadata={"help": "Calibration samples."})
+    seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration sample."})
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration sampling."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward."})
+    targets: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules to prune: names/suffixes (comma-separated) or one regex; default every "
+            "linear layer inside the decoder blocks."
+        },
+    )
+    ignore: list[str] | str | None = field(
+        default_factory=lambda: ["lm_head"],
+        metadata={"help": "Modules never pruned: names/suffixes (comma-separated) or one regex."},
+    )
+    dampening: float = field(
+        default=0.01,
+        metadata={"help": "SparseGPT: relative Hessian dampening (fraction of the mean diagonal)."},
+    )
+    sparsegpt_blocksize: int = field(
+        default=128,
+        metadata={"help": "SparseGPT: lazy-update column chunk (a multiple of block_size and M)."},
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Compute device for the block being pruned (default: where it is)."}
+    )
+    offload_activations: bool = field(
+        default=False, metadata={"help": "Keep calibration activations on CPU between blocks."}
+    )
+    use_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "Loading attribute: convert hybrid layers to packed HybridSparseLinear on load.",
+            "recipe": False,
+        },
+    )
+    format_version: int = field(default=1, metadata={"help": "On-disk format version.", "recipe": False})
+    quant_method: str = field(
+        default=QUANT_METHOD, metadata={"help": "transformers quant_method.", "recipe": False}
+    )
 
     def __post_init__(self) -> None:
         self.tier_ratios = tuple(float(r) for r in self.tier_ratios)

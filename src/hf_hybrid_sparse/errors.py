@@ -23,3 +23,19 @@ class TierMapError(HybridSparseError):
 
 class PruningError(HybridSparseError):
     """A failure while pruning one block; the message names the block and the module."""
+
+
+class StorageError(HybridSparseError):
+    """A saved sparsity state that is missing, corrupted, or does not match the model."""
+
+
+class SparsityError(HybridSparseError):
+    """Masks that cannot be applied (no sparsity, wrong shapes, or a checkpoint that disagrees)."""
+
+
+class PackingError(HybridSparseError):
+    """A weight, mask or tier map that the packed kernel format cannot hold."""
+
+
+class ScheduleError(HybridSparseError):
+    """A progressive schedule that cannot be read or that would move blocks to a denser tier."""

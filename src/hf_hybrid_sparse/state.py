@@ -76,3 +76,19 @@ def clear_state(model: nn.Module) -> None:
     for _, module in model.named_modules():
         if hasattr(module, STATE_ATTR):
             object.__delattr__(module, STATE_ATTR)
+
+
+def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>.<param>": keep_mask}`` for every pruned parameter (parameter layout)."""
+    return {f"{name}.{pname}": st.mask for name, _, pname, st in iter_sparse_params(model)}
+
+
+def tier_maps(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>" (or "<module>.<param>" for non-``weight`` parameters): tier_map}`` of hybrid-pruned ones."""
+    out = {}
+    for name, _, pname, st in iter_sparse_params(model):
+        if st.tier_map is None:
+            continue
+        key = name if pname == "weight" else f"{name}.{pname}"
+        out[key] = st.tier_map
+    return out

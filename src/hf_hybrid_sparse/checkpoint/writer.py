@@ -1,0 +1,63 @@
+"""Writing the sparsity state into a state dict and its safetensors header (format: :mod:`.format`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..bits import pack_bits
+from ..errors import StorageError
+from ..kernels.linear import HybridSparseLinear
+from ..state import iter_sparse_params
+from .format import MASK_PREFIX, METADATA_KEY, VALUES_PREFIX, encode_metadata, encode_tier_map
+from .reader import non_dense
+
+
+def sparse_state_dict(
+    model: torch.nn.Module, recipe: dict[str, Any], compressed: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``model.state_dict()`` plus the packed masks (and, compressed, kept values instead of dense
+    weights), and the header metadata ``{"hybrid_sparse": json}`` describing them."""
+    if any(isinstance(m, HybridSparseLinear) for m in model.modules()):
+        raise StorageError(
+            "The model holds packed HybridSparseLinear layers; call convert_to_dense(model) before saving."
+        )
+    state_dict = model.state_dict()
+    modules = {}
+    if compressed and any(getattr(m, p).dim() == 3 for _, m, p, _ in iter_sparse_params(model)):
+        raise StorageError(
+            "compressed=True does not support fused MoE expert weights yet (transformers re-splits them per "
+            "expert on save); save this model with the plain layout."
+        )
+    for index, (name, module, pname, state) in enumerate(iter_sparse_params(model)):
+        key = f"{name}.{pname}" if name else pname
+        mask_key = f"{MASK_PREFIX}{index:05d}"
+        param = getattr(module, pname)
+        modules[key] = {
+            "shape": list(param.shape),
+            "transposed": state.transposed,
+            "pattern": state.pattern,
+            "method": state.method,
+            "block_size": state.block_size,
+            "nm": state.nm,
+            "topk_per_block": state.topk_per_block,
+            "numel": state.mask.numel(),
+            "kept": int(state.mask.sum()),
+            "mask": mask_key,
+            "values": None,
+            "tier_map": None if state.tier_map is None else encode_tier_map(state.tier_map),
+        }
+        if compressed and state.tier_map is not None:
+            # DENSE blocks are all kept: their mask bits carry nothing, store only the others
+            informative = non_dense(state.tier_map, state.block_size, state.transposed, param.shape)
+            state_dict[mask_key] = pack_bits(state.mask.cpu()[informative])
+            modules[key]["mask_scope"] = "nondense"
+        else:
+            state_dict[mask_key] = pack_bits(state.mask)
+        if compressed:
+            values_key = f"{VALUES_PREFIX}{index:05d}"
+            weight = state_dict.pop(key)
+            state_dict[values_key] = weight[state.mask.to(weight.device)].contiguous()
+            modules[key]["values"] = values_key
+    return state_dict, {METADATA_KEY: encode_metadata(recipe, modules)}

@@ -1,0 +1,82 @@
+"""``hf-hybrid-sparse prune``: load, evaluate, prune, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+from transformers.utils import logging as hf_logging
+
+from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, recipe_from_args, say
+
+
+@dataclass
+class EvalArguments:
+    """Perplexity before and after pruning."""
+
+    eval_data: str = field(
+        default="wiki_offline", metadata={"help": "Evaluation text (test split of a name)."}
+    )
+    eval_seqlen: int = field(default=512, metadata={"help": "Tokens per perplexity window."})
+    eval_windows: int | None = field(default=32, metadata={"help": "Max windows scored (None: all)."})
+    eval_batch_size: int = field(default=4, metadata={"help": "Windows per forward."})
+    skip_eval: bool = field(default=False, metadata={"help": "Do not measure perplexity."})
+
+
+@dataclass
+class OutputArguments:
+    """Where results go."""
+
+    save: str | None = field(default=None, metadata={"help": "Folder to save the pruned model into."})
+    report_json: str | None = field(default=None, metadata={"help": "Write the pruning report as JSON here."})
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv``, prune, print the report and perplexities; returns the exit code."""
+    parser = HfArgumentParser(
+        (ModelArguments, RecipeArguments, CalibrationArguments, EvalArguments, OutputArguments)
+    )
+    parser.prog = "hf-hybrid-sparse prune"
+    model_args, recipe_args, calib_args, eval_args, out_args = parser.parse_args_into_dataclasses(args=argv)
+    config = recipe_from_args(recipe_args)  # validates before anything is loaded
+
+    from ..api import apply_hybrid_sparsity
+    from ..checkpoint.saving import save_pruned
+    from ..evaluation.perplexity import perplexity
+    from ..models import load_model_and_tokenizer
+
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
+
+    def ppl():
+        return perplexity(
+            model,
+            tokenizer,
+            eval_args.eval_data,
+            seqlen=eval_args.eval_seqlen,
+            max_windows=eval_args.eval_windows,
+            batch_size=eval_args.eval_batch_size,
+        )
+
+    before = None if eval_args.skip_eval else ppl()
+    if before is not None:
+        say(
+            f"perplexity before: {before.perplexity:.3f} ({before.tokens} tokens, {eval_args.eval_data} test)"
+        )
+    report = apply_hybrid_sparsity(model, config, calib_args.calib, tokenizer=tokenizer)
+    say(report.to_markdown())
+    after = None if eval_args.skip_eval else ppl()
+    if after is not None:
+        say(f"perplexity after:  {after.perplexity:.3f} ({after.tokens} tokens, {eval_args.eval_data} test)")
+    result = report.to_dict()
+    result["perplexity_before"] = None if before is None else before.perplexity
+    result["perplexity_after"] = None if after is None else after.perplexity
+    if out_args.report_json:
+        with open(out_args.report_json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    if out_args.save:
+        save_pruned(model, out_args.save, tokenizer=tokenizer, report=result)
+        say(f"saved to {out_args.save}")
+    return 0

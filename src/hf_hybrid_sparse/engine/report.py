@@ -1,0 +1,93 @@
+"""The pruning report: per-module sparsity, tier counts, overall sparsity and time."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..state import tier_maps
+from ..viz import plot_tier_maps
+
+
+@dataclass
+class ModuleReport:
+    """Result for one pruned (or skipped) weight."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    pruned: int
+    tier_counts: dict[str, int] | None = None
+    skipped: str | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel if self.numel else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """What :func:`~hf_hybrid_sparse.apply_hybrid_sparsity` did; ``str(report)`` is a markdown table."""
+
+    config: dict[str, Any]
+    modules: list[ModuleReport] = field(default_factory=list)
+    seconds: float = 0.0
+    calibration_tokens: int = 0
+
+    @property
+    def total_params(self) -> int:
+        return sum(m.numel for m in self.modules)
+
+    @property
+    def total_pruned(self) -> int:
+        return sum(m.pruned for m in self.modules)
+
+    @property
+    def sparsity(self) -> float:
+        """Overall fraction of pruned weights over the targeted modules."""
+        return self.total_pruned / self.total_params if self.total_params else 0.0
+
+    def tier_totals(self) -> dict[str, int]:
+        """Blocks per tier summed over all hybrid modules."""
+        totals: dict[str, int] = {}
+        for m in self.modules:
+            for k, v in (m.tier_counts or {}).items():
+                totals[k] = totals.get(k, 0) + v
+        return totals
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "config": self.config,
+            "modules": [asdict(m) | {"sparsity": m.sparsity} for m in self.modules],
+            "sparsity": self.sparsity,
+            "tier_totals": self.tier_totals(),
+            "seconds": self.seconds,
+            "calibration_tokens": self.calibration_tokens,
+        }
+
+    def to_markdown(self) -> str:
+        """A markdown table, one row per module, plus a total row."""
+        lines = [
+            "| module | shape | sparsity | dense | nm | topk | note |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
+        for m in self.modules:
+            tc = m.tier_counts or {}
+            lines.append(
+                f"| {m.name} | {'x'.join(map(str, m.shape))} | {m.sparsity:.2%} | "
+                f"{tc.get('dense', '')} | {tc.get('nm', '')} | {tc.get('topk', '')} | {m.skipped or ''} |"
+            )
+        tt = self.tier_totals()
+        lines.append(
+            f"| **total** | {self.total_params:,} params | **{self.sparsity:.2%}** | {tt.get('dense', '')} | "
+            f"{tt.get('nm', '')} | {tt.get('topk', '')} | {self.seconds:.1f} s |"
+        )
+        return "\n".join(lines)
+
+    def plot_tier_maps(self, model: Any, out_file: str) -> Any:
+        """Draw the model's tier maps into ``out_file`` (PNG; extra ``[viz]``)."""
+        return plot_tier_maps(tier_maps(model), out_file)
+
+    def __str__(self) -> str:
+        return self.to_markdown()

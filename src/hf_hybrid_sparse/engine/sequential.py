@@ -1,0 +1,196 @@
+"""The sequential pruning walk: block by block, any causal LM, in memory or offloaded.
+
+For each decoder block: (1) forward the calibration batches through it with hooks gathering
+fp32 input statistics of every target weight, (2) prune every target from those statistics,
+(3) forward the batches again through the pruned block; its outputs are the next block's
+inputs. Only the block being pruned needs to be on the compute device.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from ..config import HybridSparseConfig
+from ..data.calibration import DEFAULT_CALIBRATION, get_calibration_samples
+from ..devices import execution_device
+from ..errors import PruningError
+from ..pruning.matrix import prune_matrix
+from ..pruning.patterns import TIER_NAMES
+from ..state import ParamSparsity, get_state, set_param_state
+from .capture import capture_block_inputs
+from .discovery import Target
+from .offload import is_offloaded, onloaded, write_param
+from .planning import Plan, matrices, plan
+from .report import ModuleReport, SparsityReport
+from .statistics import collecting, eager_experts
+
+logger = hf_logging.get_logger(__name__)
+
+
+def _logical(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.transpose(-1, -2) if transposed else t
+
+
+def _prune_target(
+    target: Target,
+    config: HybridSparseConfig,
+    stats: Any,
+    previous: torch.Tensor | None,
+) -> tuple[torch.Tensor, ParamSparsity, ModuleReport]:
+    param = target.param
+    weight = _logical(param.detach(), target.transposed).float()
+    old_state = get_state(target.module).get(target.param_name)
+    old_mask = None
+    if old_state is not None:
+        old_mask = _logical(old_state.mask, old_state.transposed).to(weight.device)
+    outs, masks, tiers = [], [], []
+    for e, _ in matrices(target):
+        w = weight if e is None else weight[e]
+        st = stats if e is None else (stats[e] if stats is not None else None)
+        cfg = config
+        if config.method != "magnitude" and (st is None or st.tokens == 0):
+            # an expert no calibration token was routed to: nothing to weigh by, fall back to |W|
+            logger.warning(
+                f"{target.name}" + (f"[{e}]" if e is not None else "") + " saw no tokens; using magnitude."
+            )
+            cfg = HybridSparseConfig.from_dict(config.to_dict() | {"method": "magnitude"})
+            st = None
+        res = prune_matrix(
+            w,
+            cfg,
+            st,
+            previous_tiers=None if previous is None else (previous if e is None else previous[e]),
+            old_mask=None if old_mask is None else (old_mask if e is None else old_mask[e]),
+        )
+        outs.append(res.weight)
+        masks.append(res.mask)
+        tiers.append(res.tier_map)
+    if target.kind == "experts":
+        new_w, mask = torch.stack(outs), torch.stack(masks)
+        tier_map = torch.stack(tiers) if tiers[0] is not None else None
+    else:
+        new_w, mask, tier_map = outs[0], masks[0], tiers[0]
+    new_param = _logical(new_w, target.transposed)
+    mask_param = _logical(mask, target.transposed).contiguous()
+    mask_device = param.device if param.device.type != "meta" else torch.device("cpu")
+    state = ParamSparsity(
+        mask=mask_param.to(mask_device),
+        tier_map=None if tier_map is None else tier_map.to(torch.int8).cpu(),
+        pattern=config.pattern,
+        method=config.method,
+        block_size=config.block_size,
+        nm=config.nm,
+        topk_per_block=config.topk_per_block,
+        transposed=target.transposed,
+    )
+    counts = None
+    if tier_map is not None:
+        counts = {name: int((tier_map == code).sum()) for code, name in TIER_NAMES.items()}
+    report = ModuleReport(
+        name=target.name,
+        shape=tuple(param.shape),
+        numel=mask.numel(),
+        pruned=int((~mask).sum()),
+        tier_counts=counts,
+    )
+    return new_param, state, report
+
+
+def _walk(
+    model, config: HybridSparseConfig, calib_dataset, tokenizer, p: Plan, report: SparsityReport
+) -> None:
+    """Capture, then statistics -> prune -> recompute for each block (see module docstring)."""
+    blocks = p.blocks
+    needs_data = config.method != "magnitude"
+    compute = torch.device(config.device) if config.device else None
+    captured = None
+    if needs_data:
+        samples = get_calibration_samples(
+            calib_dataset, tokenizer, config.nsamples, config.seqlen, config.seed, model=model
+        )
+        report.calibration_tokens = samples.numel()
+        batches = list(torch.split(samples, config.batch_size))
+        store = torch.device("cpu") if config.offload_activations else compute
+        captured = capture_block_inputs(model, blocks, batches, store, compute)
+        hidden = captured.hidden
+
+    was_training = model.training
+    model.eval()
+    bar = hf_logging.tqdm(total=len(blocks), desc="Pruning blocks", unit="block")
+    try:
+        for i, block in enumerate(blocks):
+            block_name = f"{p.blocks_path}.{i}"
+            moved_from = None
+            if compute is not None and not is_offloaded(block) and getattr(block, "_hf_hook", None) is None:
+                moved_from = execution_device(block)
+                if moved_from != compute:
+                    block.to(compute)
+                else:
+                    moved_from = None
+            targets = p.targets[i]
+            stats: dict[str, Any] = {}
+            if needs_data and targets:
+                bar.set_postfix_str("statistics")
+                with collecting(targets, hessian=config.method == "sparsegpt") as stats:
+                    for b, h in enumerate(hidden):
+                        captured.calls[i][b].call(block, h.to(execution_device(block)))
+            bar.set_postfix_str("pruning")
+            with onloaded(block):
+                for t in targets:
+                    try:
+                        new_param, state, mod_report = _prune_target(
+                            t, config, stats.get(t.name), p.previous.get(t.name)
+                        )
+                        write_param(block, t.module_name, t.param_name, new_param)
+                    except Exception as exc:
+                        raise PruningError(
+                            f"Pruning failed in block {i} (`{block_name}`), module `{t.name}`: {exc}"
+                        ) from exc
+                    set_param_state(t.module, t.param_name, state)
+                    report.modules.append(mod_report)
+            if needs_data and i < len(blocks) - 1:
+                bar.set_postfix_str("recompute")
+                store = hidden[0].device
+                hidden = [
+                    captured.calls[i][b].call(block, h.to(execution_device(block))).to(store)
+                    for b, h in enumerate(hidden)
+                ]
+            if moved_from is not None:
+                block.to(moved_from)
+                for t in targets:  # masks live with their parameters, not on the compute device
+                    state = get_state(t.module)[t.param_name]
+                    state.mask = state.mask.to(moved_from)
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    config: HybridSparseConfig,
+    calib_dataset: Any = DEFAULT_CALIBRATION,
+    tokenizer: Any = None,
+    previous_tier_maps: dict[str, torch.Tensor] | None = None,
+) -> SparsityReport:
+    """Prune ``model`` in place and leave the masks and tier maps on its modules; return the report.
+
+    The engine alone: :func:`hf_hybrid_sparse.apply_hybrid_sparsity` also attaches the recipe and the
+    quantizer so that ``save_pretrained`` writes the state.
+    """
+    config.validate()
+    start = time.perf_counter()
+    p = plan(model, config, previous_tier_maps)
+    report = SparsityReport(config=config.to_dict())
+    with eager_experts(p.all_targets()):
+        _walk(model, config, calib_dataset, tokenizer, p, report)
+    for name, why in p.skipped.items():
+        report.modules.append(ModuleReport(name=name, shape=(), numel=0, pruned=0, skipped=why))
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,62 @@
+"""Importance scores and the calibration statistics they need (always accumulated in fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    """Running statistics of the inputs ``X`` of one linear map (``[tokens, in_features]``).
+
+    ``sq_norm[j]`` is ``sum over tokens of X_j^2`` (so ``||X_j||_2 = sqrt(sq_norm[j])``); with
+    ``hessian=True`` it also keeps ``X^T X`` for SparseGPT. Sums, not running means, so that
+    batched and one-sample-at-a-time accumulation agree up to fp32 summation order.
+    """
+
+    def __init__(self, in_features: int, device: torch.device, hessian: bool = False) -> None:
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.xtx = (
+            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        )
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs; any leading shape, last dim = ``in_features``."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sq_norm.device, dtype=torch.float32)
+        if x.shape[0] == 0:
+            return
+        self.sq_norm += x.pow(2).sum(dim=0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def column_norms(self) -> torch.Tensor:
+        """``||X_j||_2`` over all tokens seen."""
+        return self.sq_norm.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's ``H = 2 X^T X / n`` (``n`` tokens)."""
+        if self.xtx is None:
+            raise RuntimeError("Hessian statistics were not collected for this layer.")
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """``|W|`` in fp32."""
+    return weight.float().abs()
+
+
+def wanda_scores(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    """Wanda: ``|W_ij| * ||X_j||_2`` in fp32 (``weight`` is ``[out, in]``)."""
+    return weight.float().abs() * stats.column_norms().to(weight.device).unsqueeze(0)
+
+
+def demote_pruned(scores: torch.Tensor, old_mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores with every weight an earlier pruning removed set to -1, below any real (>= 0) score.
+
+    ``old_mask`` is that pruning's keep-mask for the same columns (``None``: nothing was pruned), so the
+    old zeros stay pruned whenever the new pattern removes at least as many weights per group.
+    """
+    if old_mask is None:
+        return scores
+    return torch.where(old_mask.to(scores.device), scores, torch.full_like(scores, -1.0))

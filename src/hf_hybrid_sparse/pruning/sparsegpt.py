@@ -1,0 +1,129 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS pruning with weight update, for every pattern.
+
+The solver walks the columns in chunks of ``blocksize``. Masks are chosen adaptively from the
+OBS saliency ``w^2 / [H^-1]_jj^2`` of the *current* (already updated) weights: per chunk for
+unstructured and TOPK blocks (a chunk holds whole 16-wide block columns), every M columns for
+N:M groups. Each pruned weight's error is spread over the not-yet-processed columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import PruningError
+from .patterns import NM, TOPK, _sorted_keep, assign_tiers, block_scores, expand_tiers, topk_block_mask
+from .scoring import demote_pruned
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; retries with more damping if H is not PD."""
+    diag_mean = torch.diag(hessian).mean()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = dampening
+    for _ in range(6):
+        try:
+            chol = torch.linalg.cholesky(hessian + damp * diag_mean * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        except torch.linalg.LinAlgError:
+            damp = max(damp * 10.0, 1e-4)
+    raise PruningError("SparseGPT: the Hessian is not positive definite even with strong dampening.")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    pattern: str,
+    sparsity: float = 0.5,
+    group: str = "row",
+    nm: tuple[int, int] = (2, 4),
+    block_size: int = 16,
+    topk_per_block: int = 15,
+    tier_ratios: tuple[float, float, float] = (0.35, 0.45, 0.20),
+    tier_group: str = "layer",
+    previous_tiers: torch.Tensor | None = None,
+    old_mask: torch.Tensor | None = None,
+    dampening: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prune ``weight`` (``[out, in]``) with the OBS update; returns ``(new_weight, keep_mask, tier_map)``.
+
+    ``pattern`` is ``"unstructured"``, ``"nm"`` (N:M everywhere, ``nm`` gives N and M) or ``"hybrid"``.
+    ``hessian`` is ``2 X^T X / n`` in fp32. ``old_mask`` (keep-mask of an earlier pruning) is honoured:
+    weights it removed stay removed.
+    """
+    W = weight.detach().clone().float()
+    rows, cols = W.shape
+    H = hessian.detach().clone().float().to(W.device)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    hinv = _inverse_hessian_factor(H, dampening)
+    diag = torch.diag(hinv)
+    n_keep, m = nm
+    old = old_mask.to(W.device) if old_mask is not None else None
+
+    def saliency(w: torch.Tensor, d: torch.Tensor, col0: int) -> torch.Tensor:
+        s = w.pow(2) / d.pow(2).unsqueeze(0)
+        return demote_pruned(s, None if old is None else old[:, col0 : col0 + w.shape[1]])
+
+    tiers = None
+    per_weight_tier = None
+    if pattern == "hybrid":
+        tiers = assign_tiers(
+            block_scores(saliency(W, diag, 0).clamp_min(0), block_size),
+            tier_ratios,
+            tier_group,
+            previous_tiers,
+        )
+        per_weight_tier = expand_tiers(tiers, block_size).to(W.device)
+
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diag(hinv1)
+        prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        if pattern == "unstructured":
+            sal = saliency(W1, d1, i1)
+            if group == "row":
+                k = math.floor(sparsity * i2) - math.floor(sparsity * i1)
+                prune1 = ~_sorted_keep(sal, count - k)
+            else:
+                k = math.floor(sparsity * rows * i2) - math.floor(sparsity * rows * i1)
+                prune1 = ~_sorted_keep(sal.reshape(1, -1), rows * count - k).reshape(rows, count)
+        elif pattern == "hybrid":
+            is_topk = per_weight_tier[:, i1:i2] == TOPK
+            if is_topk.any():
+                prune1 = is_topk & ~topk_block_mask(saliency(W1, d1, i1), block_size, topk_per_block)
+        nm_rows = None
+        if pattern == "hybrid":
+            nm_rows = per_weight_tier[:, i1:i2] == NM
+        if old is not None:
+            prune1 |= ~old[:, i1:i2]
+        for i in range(count):
+            if pattern in ("nm", "hybrid") and i % m == 0:
+                group_keep = _sorted_keep(saliency(W1[:, i : i + m], d1[i : i + m], i1 + i), n_keep)
+                new_prune = ~group_keep
+                if nm_rows is not None:
+                    new_prune &= nm_rows[:, i : i + m]
+                prune1[:, i : i + m] |= new_prune
+            w = W1[:, i]
+            q = torch.where(prune1[:, i], torch.zeros_like(w), w)
+            Q1[:, i] = q
+            err = (w - q) / hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        keep[:, i1:i2] = ~prune1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+    if not torch.isfinite(W).all():
+        raise PruningError("SparseGPT produced non-finite weights; raise `dampening`.")
+    return W, keep, tiers

@@ -1,0 +1,252 @@
+"""Progressive three-tier pruning: scheduled iterations, tier maps carried forward, fine-tuning between them.
+
+Iteration ``i``: prune with the schedule's target ratios, the tier maps of iteration ``i-1`` (on the
+modules) as input, so blocks only move DENSE -> NM -> TOPK and the ones that move are the
+lowest-scoring of their tier under the current weights; then fine-tune with ``SparseTrainer`` (full
+or mask-aware LoRA, merged), evaluate, and save a complete checkpoint
+``OUTPUT/iteration-NNN/`` (model with masks and tier maps, tokenizer, ``progress.json``) atomically.
+
+Resuming continues after the last complete checkpoint; every random choice is seeded from the
+iteration number, so a run killed at any point and resumed ends with the same tier maps and weights
+as an uninterrupted one. ``OUTPUT/run.json`` pins the schedule and the model a folder belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging as hf_logging
+
+from ..api import apply_hybrid_sparsity
+from ..checkpoint.saving import save_pruned
+from ..config import HybridSparseConfig
+from ..data.calibration import lm_dataset
+from ..errors import HybridSparseError
+from ..evaluation.perplexity import perplexity
+from .lora import get_sparse_peft_model, merge_sparse_lora
+from .schedule import Iteration, schedule_fingerprint
+from .trainer import SparseTrainer
+
+logger = hf_logging.get_logger(__name__)
+PROGRESS_FILE = "progress.json"
+RUN_FILE = "run.json"
+
+
+@dataclass
+class ProgressiveSettings:
+    """Everything but the schedule: the base recipe, data, fine-tuning and evaluation."""
+
+    config: HybridSparseConfig = field(default_factory=HybridSparseConfig)
+    calib: Any = "wiki_offline"
+    train_data: Any = None  # default: the calibration data
+    train_seqlen: int = 256
+    finetune_steps: int = 0
+    learning_rate: float = 5e-5
+    batch_size: int = 4
+    lora_r: int = 0
+    lora_targets: list[str] | None = None
+    eval_data: Any = "wiki_offline"
+    eval_seqlen: int = 256
+    eval_windows: int | None = 8  # None: no evaluation
+    seed: int = 0
+
+
+def _iteration_dir(output: Path, it: Iteration) -> Path:
+    return output / f"iteration-{it.iteration:03d}"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _check_run_folder(output: Path, fingerprint: str, model_id: str, resume: bool) -> int:
+    """Validate/initialise the output folder; return how many iterations are already complete."""
+    output.mkdir(parents=True, exist_ok=True)
+    run_file = output / RUN_FILE
+    if run_file.exists():
+        try:
+            run = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise HybridSparseError(f"{run_file} is unreadable; use a new output folder.") from None
+        if not resume:
+            raise HybridSparseError(
+                f"{output} already holds a progressive run; pass resume=True (--resume) or a new folder."
+            )
+        if run.get("schedule") != fingerprint:
+            raise HybridSparseError(
+                f"{output} belongs to another schedule (fingerprint {run.get('schedule')}, now {fingerprint})."
+            )
+        if run.get("model") != model_id:
+            raise HybridSparseError(
+                f"{output} belongs to another model ({run.get('model')!r}, now {model_id!r})."
+            )
+    else:
+        _write_json_atomic(run_file, {"schedule": fingerprint, "model": model_id})
+    done = 0
+    while (output / f"iteration-{done + 1:03d}" / PROGRESS_FILE).exists():
+        done += 1
+    return done
+
+
+def _tier_ratios(report) -> list[float]:
+    totals = report.tier_totals()
+    n = sum(totals.values()) or 1
+    return [totals.get("dense", 0) / n, totals.get("nm", 0) / n, totals.get("topk", 0) / n]
+
+
+def _finetune(model, tokenizer, settings: ProgressiveSettings, it: Iteration, workdir: str):
+    from transformers import TrainingArguments
+
+    steps = it.finetune_steps if it.finetune_steps is not None else settings.finetune_steps
+    if steps <= 0:
+        return model, 0.0
+    n = steps * settings.batch_size
+    data = settings.train_data if settings.train_data is not None else settings.calib
+    windows = lm_dataset(data, tokenizer, settings.train_seqlen, max_samples=n * it.iteration)
+    start = (n * (it.iteration - 1)) % max(len(windows), 1)
+    train = windows.select([(start + k) % len(windows) for k in range(min(n, len(windows)))])
+    target = model
+    if settings.lora_r > 0:
+        from peft import LoraConfig
+
+        targets = settings.lora_targets or [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        target = get_sparse_peft_model(
+            model, LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, target_modules=targets)
+        )
+    args = TrainingArguments(
+        output_dir=workdir,
+        max_steps=steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=it.learning_rate or settings.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        seed=settings.seed + it.iteration,
+        data_seed=settings.seed + it.iteration,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not any(p.is_cuda for p in model.parameters()),
+    )
+    start_t = time.perf_counter()
+    SparseTrainer(model=target, args=args, train_dataset=train).train()
+    if settings.lora_r > 0:
+        model, _ = merge_sparse_lora(target)
+    return model, time.perf_counter() - start_t
+
+
+def run_progressive(
+    model,
+    tokenizer,
+    schedule: list[Iteration],
+    settings: ProgressiveSettings,
+    output_dir: str | os.PathLike,
+    resume: bool = True,
+    model_id: str | None = None,
+    stop_after: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the schedule; returns the per-iteration summary (also in ``OUTPUT/summary.json``).
+
+    ``model_id`` names the starting model for the resume check (default: its ``name_or_path``).
+    ``stop_after`` ends the call after that many iterations in total (the run can be resumed later).
+    """
+    from transformers import AutoModelForCausalLM
+
+    output = Path(output_dir)
+    fingerprint = schedule_fingerprint(schedule)
+    model_id = model_id or str(getattr(model, "name_or_path", "") or type(model).__name__)
+    done = _check_run_folder(output, fingerprint, model_id, resume)
+    summary: list[dict[str, Any]] = []
+    if done:
+        last = output / f"iteration-{done:03d}"
+        dtype = next(model.parameters()).dtype
+        model = AutoModelForCausalLM.from_pretrained(last, dtype=dtype)
+        summary = (
+            json.loads((output / "summary.json").read_text()) if (output / "summary.json").exists() else []
+        )
+        summary = [s for s in summary if s["iteration"] <= schedule[done - 1].iteration]
+        logger.info(f"Resuming after iteration {schedule[done - 1].iteration} from {last}")
+    for position, it in enumerate(schedule[done:], start=done):
+        if stop_after is not None and position >= stop_after:
+            break
+        cfg_dict = settings.config.to_dict() | {
+            "pattern": "hybrid",
+            "tier_ratios": list(it.ratios),
+            "seed": settings.seed + it.iteration,
+        }
+        if it.topk_per_block is not None:
+            cfg_dict["topk_per_block"] = it.topk_per_block
+        config = HybridSparseConfig.from_dict(cfg_dict)
+        t0 = time.perf_counter()
+        report = apply_hybrid_sparsity(model, config, it.calib or settings.calib, tokenizer=tokenizer)
+        prune_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as work:
+            model, train_s = _finetune(model, tokenizer, settings, it, work)
+        entry: dict[str, Any] = {
+            "iteration": it.iteration,
+            "position": position + 1,
+            "of": len(schedule),
+            "target_ratios": list(it.ratios),
+            "tier_ratios": _tier_ratios(report),
+            "sparsity": report.sparsity,
+            "prune_seconds": prune_s,
+            "finetune_seconds": train_s,
+        }
+        if settings.eval_windows is not None and tokenizer is not None:
+            model.eval()
+            entry["perplexity"] = perplexity(
+                model,
+                tokenizer,
+                settings.eval_data,
+                seqlen=settings.eval_seqlen,
+                max_windows=settings.eval_windows,
+            ).perplexity
+        summary.append(entry)
+        progress = {"schedule": fingerprint, "model": model_id, **entry}
+        save_pruned(
+            model,
+            _iteration_dir(output, it),
+            tokenizer=tokenizer,
+            report=report.to_dict(),
+            extra={PROGRESS_FILE: progress},
+        )
+        _write_json_atomic(output / "summary.json", summary)
+        (output / "summary.md").write_text(summary_markdown(summary))
+        logger.info(f"iteration {it.iteration}: sparsity {report.sparsity:.2%}, tiers {entry['tier_ratios']}")
+    return summary
+
+
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+    """The per-iteration summary as a markdown table."""
+    lines = [
+        "| iteration | target D/NM/T | achieved D/NM/T | sparsity | perplexity | prune s | finetune s |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        t = "/".join(f"{x:.3f}" for x in s["target_ratios"])
+        a = "/".join(f"{x:.3f}" for x in s["tier_ratios"])
+        ppl = f"{s['perplexity']:.3f}" if "perplexity" in s else ""
+        lines.append(
+            f"| {s['iteration']} | {t} | {a} | {s['sparsity']:.2%} | {ppl} | {s['prune_seconds']:.1f} | "
+            f"{s['finetune_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ProgressiveSettings", "run_progressive", "summary_markdown"]
