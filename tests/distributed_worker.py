@@ -78,23 +78,20 @@ def main(mode: str, out: str) -> None:
         disable_tqdm=True,
         **extra,
     )
-    try:
-        trainer = SparseTrainer(model=model, args=args, train_dataset=ds)
-        trainer.train()
-    except Exception as exc:  # noqa: BLE001 - reported to the test, which decides
-        if mode == "fsdp":
-            print(f"FSDP_UNSUPPORTED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            sys.exit(0)
-        raise
+    trainer = SparseTrainer(model=model, args=args, train_dataset=ds)
+    if mode == "fsdp" and not trainer.is_fsdp_enabled:
+        # the one known unsupported condition: accelerate does not enable FSDP for CPU (gloo) runs and
+        # silently trains with plain data parallelism instead; anything else is a failure of the test
+        print(
+            f"FSDP_UNSUPPORTED accelerate runs {trainer.accelerator.distributed_type} on CPU: "
+            f"is_fsdp_enabled={trainer.is_fsdp_enabled}",
+            flush=True,
+        )
+        sys.exit(0)
+    trainer.train()
     if mode == "fsdp":
         kinds = {type(p).__name__ for p in trainer.model_wrapped.parameters()}
-        if not trainer.is_fsdp_enabled or kinds == {"Parameter"}:
-            print(
-                f"FSDP_UNSUPPORTED accelerate ran plain {trainer.accelerator.distributed_type} on CPU: "
-                f"is_fsdp_enabled={trainer.is_fsdp_enabled}, parameter types {kinds}",
-                flush=True,
-            )
-            sys.exit(0)
+        assert kinds != {"Parameter"}, f"FSDP is enabled but the parameters are not sharded: {kinds}"
     params = trainer.model.state_dict() if mode == "fsdp" else dict(model.named_parameters())
     rank = dist.get_rank()
     for name, mask in masks.items():

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import subprocess_env
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid_sparse.cli import main
@@ -78,7 +79,10 @@ def test_unknown_command(capsys):
 
 def test_console_script_help():
     res = subprocess.run(
-        [sys.executable, "-m", "hf_hybrid_sparse.cli", "prune", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "hf_hybrid_sparse.cli", "prune", "--help"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
     )
     assert res.returncode == 0 and "--tier_ratios" in res.stdout and "--method" in res.stdout
 
@@ -89,6 +93,7 @@ def test_example_prune_any_architecture_runs():
         capture_output=True,
         text=True,
         timeout=600,
+        env=subprocess_env(),
     )
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if "sparse" in ln]
@@ -172,9 +177,100 @@ def test_eval_command_side_by_side(tiny_checkpoint, tmp_path, capsys):
     assert data["dense"]["ppl wiki_offline"] != data[str(pruned)]["ppl wiki_offline"]
 
 
+def _design_packed_bytes(out_f, in_f, ratios=(0.35, 0.45, 0.20), k=15):
+    """Bytes of the packed format as the design states them (fp16 values), independent of the packer."""
+    from hf_hybrid_sparse.pruning.patterns import tier_counts
+
+    n_dense, n_nm, n_topk = tier_counts((out_f // 16) * (in_f // 16), ratios)
+    per_block = {"dense": 512, "nm": 16 * 8 * 2 + 16 * 2, "topk": 2 * k + k}  # values + positions
+    col = 4  # int32 block-column per block
+    ptrs = 3 * (out_f // 16 + 1) * 4  # one int32 CSR row pointer array per tier
+    return (
+        n_dense * (per_block["dense"] + col)
+        + n_nm * (per_block["nm"] + col)
+        + n_topk * (per_block["topk"] + col)
+        + ptrs
+    )
+
+
 def test_bench_command_on_cpu(capsys):
-    assert main(["bench", "--e2e", "tiny", "--new_tokens", "2"]) == 0
+    import torch
+
+    assert main(["bench", "kernels", "--e2e", "tiny", "--new_tokens", "2"]) == 0
     out = capsys.readouterr().out
-    assert "| 4096x4096 | 32.0 | 20.1 | 0.629 |" in out
-    assert "GPU timings: not measured" in out or "copy bandwidth" in out
+    for out_f, in_f in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        packed = _design_packed_bytes(out_f, in_f)
+        dense = out_f * in_f * 2
+        row = f"| {out_f}x{in_f} | {dense / 2**20:.1f} | {packed / 2**20:.1f} | {packed / dense:.3f} |"
+        assert row in out, row
+    if torch.cuda.is_available():
+        assert "copy bandwidth" in out and "not measured" not in out
+    else:
+        assert "GPU timings: not measured" in out and "copy bandwidth" not in out
     assert "e2e generate (tiny" in out
+
+
+def test_bench_command_names_the_benchmarks(capsys):
+    assert main(["bench", "no_such_benchmark"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark 'no_such_benchmark'" in err and "kernels" in err and "_common" not in err
+
+
+def test_every_recipe_field_is_a_flag_of_prune_and_progressive():
+    """One definition: each HybridSparseConfig recipe field reaches the config through both commands."""
+    import dataclasses
+
+    from hf_hybrid_sparse import HybridSparseConfig
+    from hf_hybrid_sparse.cli import progressive, prune
+    from hf_hybrid_sparse.cli.arguments import recipe_from_args
+
+    values = {
+        "method": ("sparsegpt", "sparsegpt"),
+        "pattern": ("4:8", "4:8"),  # progressive refuses it at run time, not in the parser
+        "sparsity": ("0.3", 0.3),
+        "comparison_group": ("layer", "layer"),
+        "block_size": ("32", 32),
+        "tier_ratios": ("0.5,0.3,0.2", (0.5, 0.3, 0.2)),
+        "tier_group": ("row", "row"),
+        "nm": ("2:8", "2:8"),
+        "topk_per_block": ("7", 7),
+        "indivisible": ("skip", "skip"),
+        "nsamples": ("3", 3),
+        "seqlen": ("64", 64),
+        "seed": ("5", 5),
+        "batch_size": ("2", 2),
+        "targets": ("q_proj,k_proj", ["q_proj", "k_proj"]),
+        "ignore": ("re:.*v_proj", ".*v_proj"),
+        "dampening": ("0.05", 0.05),
+        "sparsegpt_blocksize": ("64", 64),
+        "device": ("cpu", "cpu"),
+        "offload_activations": ("true", True),
+    }
+    recipe = [f.name for f in dataclasses.fields(HybridSparseConfig) if f.metadata.get("recipe", True)]
+    assert sorted(values) == sorted(recipe), "a recipe field was added: give it a value here"
+    defaults = HybridSparseConfig()
+    for name, (_, expected) in values.items():
+        assert getattr(defaults, name) != expected, f"{name}: pick a non-default value"
+    for module in (prune, progressive):
+        parser = module.build_parser()
+        helptext = parser.format_help()
+        argv = ["--schedule", "s.csv", "--output", "o"] if module is progressive else []
+        for name, (text, _) in values.items():
+            assert f"--{name}" in helptext
+            if module is progressive and name == "tier_ratios":
+                continue  # the schedule gives the ratios
+            argv += [f"--{name}", text]
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        config = recipe_from_args(parsed[1])
+        for name, (_, expected) in values.items():
+            if module is progressive and name == "tier_ratios":
+                continue
+            got = getattr(config, name)
+            assert got == pytest.approx(expected) if isinstance(expected, float) else got == expected, name
+
+
+def test_progressive_refuses_tier_ratios_and_other_patterns(capsys):
+    assert main(["progressive", "--schedule", "s.csv", "--output", "o", "--tier_ratios", "0.5,0.5,0"]) == 2
+    assert "from --schedule" in capsys.readouterr().err
+    assert main(["progressive", "--schedule", "s.csv", "--output", "o", "--pattern", "2:4"]) == 2
+    assert "is not 'hybrid'" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def test_summary_from_headers_matches_the_report(saved):
     assert len(summary["layers"]) == len(report.modules)
 
 
-def test_report_command_table_json_and_plot(saved, tmp_path, capsys):
+def test_report_command_table_and_json(saved, capsys):
     folder, _, report = saved
     assert main(["report", str(folder)]) == 0
     out = capsys.readouterr().out
@@ -35,6 +35,11 @@ def test_report_command_table_json_and_plot(saved, tmp_path, capsys):
     assert main(["report", str(folder), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["recipe"]["method"] == "wanda"
+
+
+def test_report_command_plot(saved, tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the [viz] extra")
+    folder, _, _ = saved
     png = tmp_path / "tiers.png"
     assert main(["report", str(folder), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000

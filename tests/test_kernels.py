@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from procs import subprocess_env
 from tiny_models import random_tokens, tiny_model
 
 from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity
@@ -144,7 +145,7 @@ def test_triton_decode_kernel_under_the_interpreter():
     pytest.importorskip(
         "triton", reason="Triton is in the [dev] extra; .ci/run installs it, so CI runs this test"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = subprocess_env(TRITON_INTERPRET="1")
     code = INTERPRETER_CHECK.format(tests=os.path.dirname(__file__))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -254,7 +254,7 @@ def test_progressive_command(tmp_path, capsys, tiny_checkpoint):
         "--model",
         str(tiny_checkpoint),
         "--schedule",
-        "examples/progressive.csv",
+        str(EXAMPLES / "progressive.csv"),
         "--output",
         str(tmp_path / "run"),
         "--nsamples",
@@ -269,11 +269,23 @@ def test_progressive_command(tmp_path, capsys, tiny_checkpoint):
         "64",
         "--eval_windows",
         "2",
-        "--plot",
-        str(tmp_path / "p.png"),
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| 3 | 0.350/0.450/0.200 |" in out and (tmp_path / "p.png").exists()
+    assert "| 3 | 0.350/0.450/0.200 |" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [s["iteration"] for s in summary] == [1, 2, 3]
     assert main(args) == 2  # the folder exists: --resume needed
     assert main(args + ["--resume"]) == 0  # nothing left to do
+
+
+def test_progress_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the [viz] extra")
+    from hf_hybrid_sparse.viz import plot_progress
+
+    summary = [
+        {"iteration": i, "sparsity": s, "perplexity": p}
+        for i, s, p in [(1, 0.15, 18.0), (2, 0.29, 30.0), (3, 0.41, 60.0)]
+    ]
+    png = plot_progress(summary, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000

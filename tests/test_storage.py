@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from procs import subprocess_env
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import FAMILIES, pruned_tiny, random_tokens, tiny_model
@@ -105,7 +106,9 @@ def test_plain_transformers_loads_a_working_dense_model(tmp_path):
         print("OK", float((m.model.layers[0].mlp.down_proj.weight == 0).float().mean()))
         """
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=subprocess_env()
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("OK") and float(res.stdout.split()[1]) > 0.3
 

@@ -41,7 +41,6 @@ def render_model_card(
     """The README.md of a pruned model folder, rendered from ``model_cards/`` (jinja2)."""
     import jinja2
 
-
     summary = read_sparsity_summary(directory)
     recipe = summary["recipe"]
     card_data: dict[str, Any] = {

@@ -40,10 +40,16 @@ class ProgressiveArguments:
     )
 
 
-def run(argv: list[str]) -> int:
-    """Parse ``argv``, run or resume the schedule, print the per-iteration summary."""
+def build_parser() -> HfArgumentParser:
+    """The argument parser of ``progressive`` (``--help`` lists every flag with its default)."""
     parser = HfArgumentParser((ModelArguments, RecipeArguments, CalibrationArguments, ProgressiveArguments))
     parser.prog = "hf-hybrid-sparse progressive"
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv``, run or resume the schedule, print the per-iteration summary."""
+    parser = build_parser()
     model_args, recipe_args, calib_args, args = parser.parse_args_into_dataclasses(args=argv)
     if not args.schedule or not args.output:
         raise HybridSparseError("--schedule and --output are required.")

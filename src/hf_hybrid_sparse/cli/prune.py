@@ -32,6 +32,15 @@ class OutputArguments:
     report_json: str | None = field(default=None, metadata={"help": "Write the pruning report as JSON here."})
 
 
+def build_parser() -> HfArgumentParser:
+    """The argument parser of ``prune`` (``--help`` lists every flag with its default)."""
+    parser = HfArgumentParser(
+        (ModelArguments, RecipeArguments, CalibrationArguments, EvalArguments, OutputArguments)
+    )
+    parser.prog = "hf-hybrid-sparse prune"
+    return parser
+
+
 def run(argv: list[str]) -> int:
     """Parse ``argv``, prune, print the report and perplexities; returns the exit code."""
     parser = HfArgumentParser(
