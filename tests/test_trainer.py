@@ -97,10 +97,22 @@ def test_callback_works_with_a_plain_trainer(tmp_path):
     _check_sparse_and_trained(model, masks, before)
 
 
-def test_without_the_callback_sparsity_is_lost(tmp_path):
-    """The guarantee above is not vacuous: plain AdamW with weight decay revives pruned weights."""
+def test_plain_trainer_keeps_the_sparsity_the_model_carries(tmp_path):
+    """No SparseTrainer, no callback: the model's own gradient masking keeps every pruned weight at zero."""
+    model = pruned_tiny()
+    masks = {k: v.clone() for k, v in sparsity_masks(model).items()}
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=_dataset()).train()
+    _check_sparse_and_trained(model, masks, before)
+
+
+def test_without_the_sparsity_state_plain_training_revives_weights(tmp_path):
+    """The guarantee above is not vacuous: with the state removed, AdamW with weight decay revives pruned weights."""
+    from hf_hybrid_sparse.state import clear_state
+
     model = pruned_tiny()
     masks = sparsity_masks(model)
+    clear_state(model)
     Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=_dataset()).train()
     params = dict(model.named_parameters())
     assert any((params[k][~m] != 0).any() for k, m in masks.items())

@@ -25,7 +25,16 @@ from .errors import (
 )
 from .evaluation.perplexity import perplexity
 from .pruning.patterns import DENSE, NM, TOPK
-from .state import ParamSparsity, get_state, iter_sparse_params, sparsity_masks, tier_maps
+from .state import (
+    ParamSparsity,
+    apply_masks,
+    get_state,
+    iter_sparse_params,
+    revived_weights,
+    sparsity_masks,
+    tier_maps,
+)
+from .training import peft_patch as _peft_patch
 from .version import __version__
 
 _LAZY = {
@@ -52,6 +61,7 @@ def __getattr__(name: str):
 
 register()
 _register_quantizer()
+_peft_patch.install()
 
 __all__ = [
     "__version__",
@@ -75,6 +85,8 @@ __all__ = [
     "ParamSparsity",
     "get_state",
     "iter_sparse_params",
+    "apply_masks",
+    "revived_weights",
     "DENSE",
     "NM",
     "TOPK",

@@ -13,6 +13,8 @@ from .config import HybridSparseConfig
 from .data.calibration import DEFAULT_CALIBRATION
 from .engine.report import SparsityReport
 from .engine.sequential import prune_model
+from .errors import PruningError
+from .state import iter_sparse_params
 
 logger = hf_logging.get_logger(__name__)
 
@@ -41,7 +43,13 @@ def apply_hybrid_sparsity(
     ``save_pretrained`` writes them and ``from_pretrained`` restores them.
     """
     config = config or HybridSparseConfig()
-    report = prune_model(model, config, calib_dataset, tokenizer, previous_tier_maps)
+    try:
+        report = prune_model(model, config, calib_dataset, tokenizer, previous_tier_maps)
+    except PruningError:
+        # the blocks finished before the failure carry their state: keep it savable and enforced
+        if any(True for _ in iter_sparse_params(model)):
+            attach(model, config)
+        raise
     if not attach(model, config):
         logger.warning(
             "The model is quantized by another method: its sparsity state will not be saved with it."

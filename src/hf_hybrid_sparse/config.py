@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -141,12 +143,41 @@ class HybridSparseConfig(QuantizationConfigMixin):
     )
 
     def __post_init__(self) -> None:
-        self.tier_ratios = tuple(float(r) for r in self.tier_ratios)
-        if isinstance(self.targets, tuple):
-            self.targets = list(self.targets)
-        if isinstance(self.ignore, tuple):
-            self.ignore = list(self.ignore)
+        self._normalize_types()
         self.validate()
+
+    def _normalize_types(self) -> None:
+        """Coerce values that mean the same (``16.0`` -> ``16``, tuples -> lists); refuse the rest, naming the field."""
+        for name, kind in _field_kinds().items():
+            value = getattr(self, name)
+            if kind == "int":
+                value = _as_int(name, value)
+            elif kind == "float":
+                value = _as_float(name, value)
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigError(
+                        f"{name} must be True or False, got {value!r} ({type(value).__name__})."
+                    )
+            elif kind in ("str", "str?"):
+                if not (isinstance(value, str) or (kind == "str?" and value is None)):
+                    raise ConfigError(f"{name} must be a string, got {value!r} ({type(value).__name__}).")
+            elif kind == "ratios":
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                    raise ConfigError(f"tier_ratios must be three numbers (DENSE, NM, TOPK), got {value!r}.")
+                value = tuple(_as_float("tier_ratios", r) for r in value)
+            elif kind == "names":
+                if isinstance(value, tuple):
+                    value = list(value)
+                if not (
+                    value is None
+                    or isinstance(value, str)
+                    or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                ):
+                    raise ConfigError(
+                        f"{name} must be None, a regex string or a list of module names, got {value!r}."
+                    )
+            setattr(self, name, value)
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -173,6 +204,12 @@ class HybridSparseConfig(QuantizationConfigMixin):
         if abs(sum(self.tier_ratios) - 1.0) > 1e-6:
             raise ConfigError(f"tier_ratios {self.tier_ratios} sum to {sum(self.tier_ratios):.6g}, not 1.")
         n, m = parse_nm(self.nm)
+        if self.pattern_nm is not None and self.pattern_nm[0] == self.pattern_nm[1]:
+            raise ConfigError(f"pattern={self.pattern!r} keeps every weight: nothing would be pruned.")
+        if self.pattern == "hybrid" and n == m:
+            raise ConfigError(
+                f"nm={self.nm!r} keeps every weight of the NM blocks; use a sparser N:M such as '2:4'."
+            )
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive.")
         if self.pattern == "hybrid" and self.block_size % m:
@@ -185,8 +222,12 @@ class HybridSparseConfig(QuantizationConfigMixin):
                 f"topk_per_block={self.topk_per_block} does not fit a {self.block_size}x{self.block_size} "
                 f"block ({area} weights)."
             )
+        if self.pattern == "hybrid" and self.topk_per_block == area:
+            raise ConfigError(
+                f"topk_per_block={area} keeps every weight of a TOPK block; choose fewer (default 15 of 256)."
+            )
         for name in ("nsamples", "seqlen", "batch_size", "sparsegpt_blocksize"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
         if not (self.dampening >= 0.0):
             raise ConfigError(f"dampening={self.dampening} must be >= 0.")
@@ -252,6 +293,44 @@ class HybridSparseConfig(QuantizationConfigMixin):
         import json
 
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+@functools.cache
+def _field_kinds() -> dict[str, str]:
+    hints = typing.get_type_hints(HybridSparseConfig)
+    kinds = {}
+    for f in fields(HybridSparseConfig):
+        tp = hints[f.name]
+        if f.name == "tier_ratios":
+            kinds[f.name] = "ratios"
+        elif f.name in ("targets", "ignore"):
+            kinds[f.name] = "names"
+        elif tp is bool:
+            kinds[f.name] = "bool"
+        elif tp is int:
+            kinds[f.name] = "int"
+        elif tp is float:
+            kinds[f.name] = "float"
+        elif tp is str:
+            kinds[f.name] = "str"
+        else:
+            kinds[f.name] = "str?"  # str | None
+    return kinds
+
+
+def _as_int(name: str, value: Any) -> int:
+    integral = isinstance(value, int) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    )
+    if isinstance(value, bool) or not integral:
+        raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    return float(value)
 
 
 def register() -> None:

@@ -9,15 +9,23 @@ survives ``deepcopy``, PEFT wrapping and accelerate hooks; it is not part of ``s
   It lives on the parameter's device (CPU for offloaded parameters); readers should
   ``.to(param.device)``.
 * ``tier_map``: ``torch.int8`` ``[..., out/bs, in/bs]`` in the *logical* ``[out, in]`` orientation
-  (codes in :mod:`hf_hybrid_sparse.patterns`), or ``None`` for non-hybrid patterns.
+  (codes in :mod:`hf_hybrid_sparse.pruning.patterns`), or ``None`` for non-hybrid patterns.
 * ``transposed``: the parameter stores ``[in, out]`` (so ``mask.T`` is the logical mask).
 * the recipe bits needed to interpret it: ``pattern``, ``block_size``, ``nm``, ``topk_per_block``, ``method``.
+
+**The model enforces its masks.** Attaching a state also makes the module mask the gradient of that
+parameter as it is computed (a tensor hook, re-installed by a forward pre-hook whenever the parameter
+object was replaced, e.g. after ``deepcopy`` or FSDP's re-registration). Any training loop -- plain
+``Trainer``, TRL, accelerate, a hand-written loop -- then leaves pruned weights at exactly zero with the
+usual optimizers (SGD, Adam/AdamW with weight decay, Adafactor, ...): their updates of a weight whose
+gradient is always zero are zero. :class:`~hf_hybrid_sparse.SparseTrainer` adds the re-masking of weights
+after each step (for optimizers that move a weight without a gradient) and the end-of-training check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +46,8 @@ class ParamSparsity:
     topk_per_block: int = 15
     transposed: bool = False
     format_version: int = 1
+    # (mask it was made from, mask as 0/1 in a gradient's device and dtype): one conversion per change
+    _cast: tuple | None = field(default=None, repr=False, compare=False)
 
     def logical_mask(self) -> torch.Tensor:
         """Mask in ``[..., out, in]`` orientation."""
@@ -48,6 +58,50 @@ class ParamSparsity:
         """Fraction of pruned weights."""
         return 1.0 - self.mask.float().mean().item() if self.mask.numel() else 0.0
 
+    def mask_like(self, t: torch.Tensor) -> torch.Tensor:
+        """The mask as 0/1 values in ``t``'s device and dtype (cached until the mask changes)."""
+        cast = self._cast
+        if cast is None or cast[0] is not self.mask or cast[1].device != t.device or cast[1].dtype != t.dtype:
+            cast = (self.mask, self.mask.to(device=t.device, dtype=t.dtype))
+            self._cast = cast
+        return cast[1]
+
+
+class _MaskGradient:
+    """Gradient hook of one pruned parameter: multiplies the gradient by the module's current mask."""
+
+    def __init__(self, module: nn.Module, param_name: str) -> None:
+        self.module = module
+        self.param_name = param_name
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        state = get_state(self.module).get(self.param_name)
+        if state is None:
+            return grad
+        if tuple(grad.shape) != tuple(state.mask.shape):
+            from .errors import SparsityError
+
+            raise SparsityError(
+                f"{type(self.module).__name__}.{self.param_name}: a gradient of shape {list(grad.shape)} does not "
+                f"match the mask {list(state.mask.shape)} (was the layer resized or sharded by hand?)."
+            )
+        return grad * state.mask_like(grad)
+
+
+def _has_gradient_guard(param: torch.Tensor) -> bool:
+    hooks = getattr(param, "_backward_hooks", None) or {}
+    return any(isinstance(h, _MaskGradient) for h in hooks.values())
+
+
+def _guard_parameters(module: nn.Module, *args) -> None:
+    """Forward pre-hook: make sure every pruned parameter of ``module`` carries its gradient hook."""
+    if not torch.is_grad_enabled():
+        return
+    for param_name in get_state(module):
+        param = getattr(module, param_name, None)
+        if isinstance(param, torch.Tensor) and param.requires_grad and not _has_gradient_guard(param):
+            param.register_hook(_MaskGradient(module, param_name))
+
 
 def get_state(module: nn.Module) -> dict[str, ParamSparsity]:
     """The per-parameter sparsity state of ``module`` (empty dict if it was never pruned)."""
@@ -55,13 +109,18 @@ def get_state(module: nn.Module) -> dict[str, ParamSparsity]:
 
 
 def set_param_state(module: nn.Module, param_name: str, state: ParamSparsity) -> None:
-    """Attach ``state`` for ``module.<param_name>``."""
+    """Attach ``state`` for ``module.<param_name>`` and make the module enforce it on gradients."""
     states = getattr(module, STATE_ATTR, None)
     if states is None:
         states = {}
         # object.__setattr__ keeps nn.Module from treating the dict specially
         object.__setattr__(module, STATE_ATTR, states)
     states[param_name] = state
+    if not any(h is _guard_parameters for h in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(_guard_parameters)
+    param = getattr(module, param_name, None)
+    if isinstance(param, torch.Tensor) and param.requires_grad and not _has_gradient_guard(param):
+        param.register_hook(_MaskGradient(module, param_name))
 
 
 def iter_sparse_params(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, ParamSparsity]]:
@@ -72,10 +131,16 @@ def iter_sparse_params(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, 
 
 
 def clear_state(model: nn.Module) -> None:
-    """Remove all sparsity state from ``model`` (weights are left as they are)."""
+    """Remove all sparsity state (and its gradient enforcement) from ``model``; weights stay as they are."""
     for _, module in model.named_modules():
         if hasattr(module, STATE_ATTR):
             object.__delattr__(module, STATE_ATTR)
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is _guard_parameters]:
+            del module._forward_pre_hooks[key]
+        for param in module.parameters(recurse=False):
+            hooks = getattr(param, "_backward_hooks", None) or {}
+            for key in [k for k, h in hooks.items() if isinstance(h, _MaskGradient)]:
+                del hooks[key]
 
 
 def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,3 +157,33 @@ def tier_maps(model: nn.Module) -> dict[str, torch.Tensor]:
         key = name if pname == "weight" else f"{name}.{pname}"
         out[key] = st.tier_map
     return out
+
+
+@torch.no_grad()
+def revived_weights(model: nn.Module) -> dict[str, int]:
+    """``{"<module>.<param>": count}`` of pruned weights that are not zero (empty when the sparsity holds)."""
+    bad = {}
+    for name, module, pname, state in iter_sparse_params(model):
+        param = getattr(module, pname, None)
+        if not isinstance(param, torch.Tensor) or param.device.type == "meta":
+            continue
+        if tuple(param.shape) != tuple(state.mask.shape):
+            continue  # a shape mismatch is reported by whoever uses the mask
+        count = int(((param.detach() != 0) & ~state.mask.to(param.device)).sum())
+        if count:
+            bad[f"{name}.{pname}" if name else pname] = count
+    return bad
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> int:
+    """Zero every pruned weight of ``model`` (e.g. after a loop that revived some); returns how many changed."""
+    changed = 0
+    for _, module, pname, state in iter_sparse_params(model):
+        param = getattr(module, pname, None)
+        if not isinstance(param, torch.Tensor) or param.device.type == "meta":
+            continue
+        mask = state.mask.to(param.device)
+        changed += int(((param != 0) & ~mask).sum())
+        param.mul_(mask.to(param.dtype))
+    return changed

@@ -14,22 +14,34 @@ Inside every ``*.safetensors`` file of a saved model:
        "modules": {"<P>": {"shape": [...], "transposed": false, "pattern": "hybrid", "method": "wanda",
                            "block_size": 16, "nm": "2:4", "topk_per_block": 15,
                            "numel": 331776, "kept": 194688, "mask": "hybrid_sparse_mask.00000",
-                           "tier_map": {"shape": [36, 36], "data": "<base64>"} | null}}}
+                           "values": null,
+                           "tier_map": {"shape": [36, 36], "data": "<base64>"} | null,
+                           "digest": "<sha256 of this entry>"}},
+       "digest": "<sha256 of the document>"}
 
-  Tier maps are packed 4 codes per byte (2 bits each, least significant first). Every shard carries
-  the whole document, so any one file describes the model.
+  A digest is the sha256 (hex) of its object without the ``"digest"`` key, written as JSON with sorted
+  keys and no spaces;
+* under ``"hybrid_sparse_masks"`` the JSON ``{"hybrid_sparse_mask.<i>": "<P>"}``, so that a mask whose
+  entry was removed from the document still names its module.
 
-Compressed layout (``save_pretrained(..., compressed=True)``): a pruned parameter's dense tensor is
-left out; its entry names ``"values": "hybrid_sparse_values.<i>"``, a 1-D tensor of the kept values in
-row-major order of the parameter (so ``weight[mask] = values``), and for hybrid layers the mask holds
-only the bits of weights in non-DENSE blocks (``"mask_scope": "nondense"``; DENSE blocks are all
-kept). Only this package can load such a checkpoint; the plain layout loads anywhere.
+  Tier maps are packed 4 codes per byte (2 bits each, least significant first); a ``hybrid`` entry has
+  one, any other pattern has ``null``. Every shard carries the same document, so any one file describes
+  the model; a loader reads every shard's copy and refuses a checkpoint whose copies differ, whose
+  digests do not match, or that holds a mask tensor no entry names.
+
+Compressed layout (``save_pretrained(..., compressed=True)``): the tensor stored under ``P`` itself is
+1-D, the kept values in row-major order of the parameter (so ``weight[mask] = values``), and the entry
+says ``"values": "<P>"``; for hybrid layers the mask holds only the bits of weights in non-DENSE
+blocks (``"mask_scope": "nondense"``; DENSE blocks are all kept). Only this package can load such a
+checkpoint: plain transformers stops with a size-mismatch error (it never loads random weights unless
+told to ignore mismatched sizes). The plain layout loads anywhere.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 from typing import Any
@@ -37,13 +49,14 @@ from typing import Any
 import torch
 
 from ..bits import pack_2bit, unpack_2bit
-from ..errors import StorageError
+from ..config import parse_nm
+from ..errors import ConfigError, StorageError
 from ..pruning.patterns import TOPK
 
 FORMAT_VERSION = 1
 METADATA_KEY = "hybrid_sparse"
+INDEX_KEY = "hybrid_sparse_masks"
 MASK_PREFIX = "hybrid_sparse_mask."
-VALUES_PREFIX = "hybrid_sparse_values."
 
 
 def encode_tier_map(tiers: torch.Tensor) -> dict[str, Any]:
@@ -98,11 +111,23 @@ _FIELDS = {
 }
 
 
+def digest(obj: dict[str, Any]) -> str:
+    """sha256 (hex) of ``obj`` without its ``"digest"`` key, as JSON with sorted keys and no spaces."""
+    body = {k: v for k, v in obj.items() if k != "digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def encode_metadata(recipe: dict[str, Any], modules: dict[str, dict[str, Any]]) -> str:
-    """The JSON document stored under :data:`METADATA_KEY`."""
-    return json.dumps(
-        {"format_version": FORMAT_VERSION, "recipe": recipe, "modules": modules}, separators=(",", ":")
-    )
+    """The JSON document stored under :data:`METADATA_KEY`: each entry and the whole carry a digest."""
+    modules = {k: e | {"digest": digest(e)} for k, e in modules.items()}
+    doc = {"format_version": FORMAT_VERSION, "recipe": recipe, "modules": modules}
+    return json.dumps(doc | {"digest": digest(doc)}, separators=(",", ":"))
+
+
+def encode_mask_index(modules: dict[str, dict[str, Any]]) -> str:
+    """The JSON stored under :data:`INDEX_KEY`: ``{mask tensor: module}``, to name a module whose entry is gone."""
+    return json.dumps({e["mask"]: k for k, e in modules.items()}, separators=(",", ":"))
 
 
 def parse_metadata(text: Any) -> dict[str, Any]:
@@ -128,6 +153,11 @@ def parse_metadata(text: Any) -> dict[str, Any]:
     recipe, modules = doc.get("recipe"), doc.get("modules")
     if not isinstance(recipe, dict) or not isinstance(modules, dict):
         raise StorageError("hybrid_sparse metadata needs 'recipe' and 'modules' objects.")
+    for name, entry in modules.items():
+        if isinstance(entry, dict) and entry.get("digest") != digest(entry):
+            raise StorageError(
+                f"{name}: its metadata entry does not match its digest; it was edited after saving. Save the model again."
+            )
     parsed = {}
     for name, entry in modules.items():
         if not isinstance(entry, dict):
@@ -145,6 +175,12 @@ def parse_metadata(text: Any) -> dict[str, Any]:
             raise StorageError(f"{name}: numel/kept do not fit shape {list(shape)}.")
         if entry["block_size"] < 1 or not 0 <= entry["topk_per_block"] <= entry["block_size"] ** 2:
             raise StorageError(f"{name}: block_size/topk_per_block out of range.")
+        try:
+            parse_nm(entry["nm"])
+            if entry["pattern"] not in ("unstructured", "hybrid"):
+                parse_nm(entry["pattern"])
+        except ConfigError as exc:
+            raise StorageError(f"{name}: {exc}") from None
         tier_map = None
         if entry["tier_map"] is not None:
             tier_map = decode_tier_map(entry["tier_map"], name)
@@ -155,12 +191,23 @@ def parse_metadata(text: Any) -> dict[str, Any]:
                 raise StorageError(
                     f"{name}: tier map shape {list(tier_map.shape)} does not match {list(expected)}."
                 )
+        if (entry["pattern"] == "hybrid") != (tier_map is not None):
+            raise StorageError(
+                f"{name}: pattern {entry['pattern']!r} with tier_map={entry['tier_map'] and '...'}; a hybrid entry has a tier map, others none."
+            )
         if entry.get("mask_scope", "all") not in ("all", "nondense"):
             raise StorageError(f"{name}: mask_scope must be 'all' or 'nondense'.")
+        if entry.get("mask_scope", "all") == "nondense" and tier_map is None:
+            raise StorageError(f"{name}: a 'nondense' mask needs a tier map.")
         values = entry.get("values")
-        if values is not None and not (isinstance(values, str) and values.startswith(VALUES_PREFIX)):
-            raise StorageError(f"{name}: 'values' must name a {VALUES_PREFIX}* tensor.")
+        if values is not None and values != name:
+            raise StorageError(f"{name}: 'values' must be null or name the entry's own tensor {name!r}.")
         if not entry["mask"].startswith(MASK_PREFIX):
             raise StorageError(f"{name}: 'mask' must name a {MASK_PREFIX}* tensor.")
         parsed[name] = dict(entry, shape=shape, tier_map=tier_map, values=values)
-    return {"format_version": version, "recipe": recipe, "modules": parsed}
+    return {
+        "format_version": version,
+        "recipe": recipe,
+        "modules": parsed,
+        "digest_ok": doc.get("digest") == digest(doc),
+    }

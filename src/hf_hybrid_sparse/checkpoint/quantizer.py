@@ -3,32 +3,44 @@
 Registered for ``quant_method="hybrid_sparse"`` beside :class:`HybridSparseConfig`.
 
 * Saving: ``model.save_pretrained`` asks the quantizer for the state dict and header metadata; it
-  adds each pruned parameter's bit-packed mask and the tier maps + recipe (format in
-  :mod:`.format`; the tensors from :mod:`.writer`). Weights stay ordinary tensors with zeros.
-* Loading: ``from_pretrained`` builds the quantizer from ``config.json``; before the weights load it
-  notes the checkpoint files (and tells transformers the mask tensors are expected extras), after
-  they load it reads the header and masks, checks them against the weights, and puts a
+  adds each pruned parameter's bit-packed mask and the tier maps + recipe (format in :mod:`.format`;
+  the tensors from :mod:`.writer`). Weights stay ordinary tensors with zeros.
+* Loading a pruned checkpoint: before the weights load it notes the checkpoint files (and tells
+  transformers the mask tensors are expected extras, and which compressed weights arrive as their kept
+  values); after they load it reads the headers and masks, checks them against the weights, and puts a
   :class:`~hf_hybrid_sparse.state.ParamSparsity` on every pruned module (:mod:`.reader`).
+* Loading a dense checkpoint with ``quantization_config=HybridSparseConfig(method="magnitude", ...)``
+  prunes it on load (calibrated methods need data: they are refused with a pointer to
+  ``apply_hybrid_sparsity``).
 
-Nothing is quantized: the weights keep their dtype and remain trainable (full fine-tuning and PEFT).
+Nothing is quantized: the weights keep their dtype, remain trainable (full fine-tuning and PEFT) and
+may change dtype (``.half()``, ``.to(torch.bfloat16)``), so the model is not marked ``is_quantized``.
+``model.dequantize()`` returns the plain model: weights as they are, the sparsity state removed.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import QUANT_METHOD, HybridSparseConfig
-from ..errors import StorageError
-from ..kernels.linear import convert_to_hybrid_kernels
-from .format import MASK_PREFIX, VALUES_PREFIX
-from .reader import read_metadata, restore_state
-from .saving import save_pretrained
+from ..engine.sequential import prune_model
+from ..errors import ConfigError, StorageError
+from ..kernels.linear import HybridSparseLinear, convert_to_dense, convert_to_hybrid_kernels
+from ..state import clear_state
+from .format import MASK_PREFIX
+from .reader import Checkpoint, restore_state
+from .saving import PENDING_FILE, save_pretrained
 from .writer import sparse_state_dict
+
+
+def _safetensors(files) -> list[str]:
+    return [str(f) for f in (files or []) if str(f).endswith(".safetensors")]
 
 
 class HybridSparseHfQuantizer(HfQuantizer):
@@ -40,32 +52,53 @@ class HybridSparseHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_files: list[str] | None = None
         self.compressed = False  # set for the duration of a save_pretrained(..., compressed=True)
+        self.compressed_keys: set[str] = set()  # parameters a compressed checkpoint stores as kept values
 
     # -- loading ------------------------------------------------------------------------------
+    def validate_environment(self, *args, **kwargs) -> None:
+        if not self.pre_quantized and self.quantization_config.method != "magnitude":
+            raise ConfigError(
+                f"from_pretrained can prune a dense checkpoint on load only with method='magnitude' (no data); "
+                f"method={self.quantization_config.method!r} needs calibration: load the model, then call "
+                "hf_hybrid_sparse.apply_hybrid_sparsity(model, config, calib_dataset, tokenizer)."
+            )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        # the kept values of a compressed weight arrive 1-D: transformers must take them, not call it a mismatch
+        return param_name in self.compressed_keys
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_files = list(checkpoint_files or [])
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-        ignore.add("^" + MASK_PREFIX.replace(".", r"\."))
-        ignore.add("^" + VALUES_PREFIX.replace(".", r"\."))
+        ignore.add("^" + re.escape(MASK_PREFIX))
         model._keys_to_ignore_on_load_unexpected = ignore
-        # a compressed checkpoint has no dense tensor for pruned weights: they are rebuilt after loading
-        doc = read_metadata([f for f in self.checkpoint_files if str(f).endswith(".safetensors")])
-        if doc is not None:
-            missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-            missing |= {
-                "^" + re.escape(k) + "$" for k, e in doc["modules"].items() if e["values"] is not None
-            }
-            model._keys_to_ignore_on_load_missing = missing
+        files = _safetensors(self.checkpoint_files)
+        if files and (Path(files[0]).parent / PENDING_FILE).exists():
+            raise StorageError(
+                f"{Path(files[0]).parent} holds an interrupted save (a {PENDING_FILE} file); complete it with "
+                "hf_hybrid_sparse.checkpoint.recover(folder) or save the model again."
+            )
+        if self.pre_quantized and files:
+            with Checkpoint(files) as ckpt:
+                if ckpt.doc is not None:
+                    self.compressed_keys = {
+                        k for k, e in ckpt.doc["modules"].items() if e["values"] is not None
+                    }
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        files = [f for f in (self.checkpoint_files or []) if str(f).endswith(".safetensors")]
-        if not files:
-            raise StorageError(
-                "config.json declares quant_method='hybrid_sparse' but no safetensors checkpoint was loaded; "
-                "the sparsity state can only be restored from safetensors files."
-            )
-        restore_state(model, files)
+        _unmark_quantized(model)
+        if not self.pre_quantized:
+            # a dense checkpoint pruned on load: magnitude needs no data
+            prune_model(model, self.quantization_config)
+        else:
+            files = _safetensors(self.checkpoint_files)
+            if not files:
+                raise StorageError(
+                    "config.json declares quant_method='hybrid_sparse' but no safetensors checkpoint was loaded; "
+                    "the sparsity state can only be restored from safetensors files."
+                )
+            restore_state(model, files)
         _wrap_save(model)
         if getattr(self.quantization_config, "use_kernels", False):
             convert_to_hybrid_kernels(model)
@@ -84,8 +117,28 @@ class HybridSparseHfQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        # full fine-tuning of a pruned model is the point (SparseTrainer keeps the masks)
+        # full fine-tuning of a pruned model is the point (the model keeps its own masks)
         return True
+
+    # -- dequantize ---------------------------------------------------------------------------
+    def _dequantize(self, model, dtype=None):
+        if any(isinstance(m, HybridSparseLinear) for m in model.modules()):
+            convert_to_dense(model)
+        clear_state(model)
+        model.__dict__.pop("save_pretrained", None)
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        return model
+
+
+def _unmark_quantized(model: torch.nn.Module) -> None:
+    """A pruned model is not quantized: dtype casts, ``.half()`` and training work as on any model."""
+    from transformers import PreTrainedModel
+
+    model.is_quantized = False
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and "_is_quantized" in module.config.__dict__:
+            del module.config._is_quantized
 
 
 def _wrap_save(model: torch.nn.Module) -> None:

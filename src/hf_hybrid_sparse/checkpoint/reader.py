@@ -1,10 +1,15 @@
 """Reading the sparsity state back from safetensors files: masks, tier maps, checks, header summaries.
 
-Used by the quantizer on ``from_pretrained``, by the trainer's resume check and by ``report``.
+Used by the quantizer on ``from_pretrained``, by the trainer's resume check and by ``report``. What a
+load trusts it checks: every shard carries the same header document (and its digest matches), every
+mask tensor belongs to exactly one entry, every mask has the entry's shape and kept count, every
+pruned weight is zero, and every hybrid mask obeys its tier map with the entry's N:M and top-K.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ from ..config import QUANT_METHOD, parse_nm
 from ..errors import ConfigError, StorageError
 from ..pruning.patterns import DENSE, TIER_NAMES, check_hybrid, expand_tiers
 from ..state import ParamSparsity, set_param_state
-from .format import MASK_PREFIX, METADATA_KEY, VALUES_PREFIX, parse_metadata
+from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, parse_metadata
 
 
 def _unpack(key: str, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -41,102 +46,182 @@ def non_dense(tier_map: torch.Tensor, block_size: int, transposed: bool, shape) 
     return per != DENSE
 
 
-def _tensor(
-    key: str, what: str, tensor_key: str, where: dict[str, str], handles: dict[str, Any]
-) -> torch.Tensor:
-    """Read ``tensor_key`` from whichever checkpoint file holds it (files opened once, kept in ``handles``)."""
-    if tensor_key not in where:
-        raise StorageError(f"{key}: its {what} tensor {tensor_key!r} is missing from the checkpoint.")
-    path = where[tensor_key]
-    if path not in handles:
-        handles[path] = safe_open(path, framework="pt")
-    return handles[path].get_tensor(tensor_key)
+class Checkpoint:
+    """The parsed, cross-checked sparsity header of a set of safetensors files, and its mask tensors.
 
-
-def load_mask(key: str, entry: dict, where: dict[str, str], handles: dict[str, Any]) -> torch.Tensor:
-    """The full keep-mask of a parsed metadata ``entry`` (either mask layout), in the parameter's shape."""
-    packed = _tensor(key, "mask", entry["mask"], where, handles)
-    if entry.get("mask_scope", "all") != "nondense":
-        return _unpack(key, packed, entry["shape"])
-    if entry["tier_map"] is None:
-        raise StorageError(f"{key}: a 'nondense' mask needs a tier map.")
-    informative = non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
-    mask = torch.ones(entry["shape"], dtype=torch.bool)
-    mask[informative] = _unpack(key, packed, (int(informative.sum()),))
-    return mask
-
-
-def read_metadata(files: list[str], where: dict[str, str] | None = None) -> dict | None:
-    """The parsed header document of the first of ``files`` that has one (``None`` if none has).
-
-    With ``where``, also record which file holds each mask/values tensor.
+    Use as a context manager (it keeps the files open while masks are read).
     """
-    doc = None
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                if doc is None and METADATA_KEY in meta:
-                    doc = parse_metadata(meta[METADATA_KEY])
-                    if where is None:
-                        return doc
-                if where is not None:
-                    for key in fh.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                        if key.startswith((MASK_PREFIX, VALUES_PREFIX)):
-                            where[key] = str(path)
-        except StorageError:
-            raise
-        except Exception as exc:  # truncated or corrupted file
-            raise StorageError(f"{path}: cannot read the safetensors file ({exc}).") from None
-    return doc
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = [str(f) for f in files]
+        self.doc: dict[str, Any] | None = None
+        self.where: dict[str, str] = {}  # mask tensor -> file
+        self._handles: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+        self._read()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def _read(self) -> None:
+        text, first = None, None
+        without = []
+        index: dict[str, str] = {}
+        for path in self.files:
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                    keys = list(fh.keys())
+            except Exception as exc:  # truncated or corrupted file
+                raise StorageError(f"{path}: cannot read the safetensors file ({exc}).") from None
+            for key in keys:
+                if key.startswith(MASK_PREFIX):
+                    if key in self.where:
+                        raise StorageError(
+                            f"mask tensor {key!r} is stored twice ({self.where[key]} and {path})."
+                        )
+                    self.where[key] = path
+            with contextlib.suppress(ValueError, TypeError):
+                index.update(json.loads(meta.get(INDEX_KEY, "{}")))
+            mine = meta.get(METADATA_KEY)
+            if mine is None:
+                without.append(path)
+            elif text is None:
+                text, first = mine, path
+            elif mine != text:
+                raise StorageError(
+                    f"{Path(path).name}: its hybrid_sparse metadata differs from {Path(first).name}'s"
+                    f"{_first_difference(text, mine)}; every shard carries the same document, so one of them was "
+                    "edited. Save the model again."
+                )
+        if text is None:
+            if self.where:
+                raise StorageError(
+                    "the checkpoint holds hybrid-sparse masks but its shards have no 'hybrid_sparse' metadata (edited headers?)."
+                )
+            return
+        if without:
+            raise StorageError(
+                f"{Path(without[0]).name} has no hybrid_sparse metadata while {Path(first).name} has: shards from "
+                "different saves are mixed in this folder."
+            )
+        self.doc = parse_metadata(text)
+        named: dict[str, str] = {}
+        for key, entry in self.doc["modules"].items():
+            if entry["mask"] in named:
+                raise StorageError(
+                    f"{key} and {named[entry['mask']]} name the same mask tensor {entry['mask']!r}."
+                )
+            named[entry["mask"]] = key
+            if entry["mask"] not in self.where:
+                raise StorageError(
+                    f"{key}: its mask tensor {entry['mask']!r} is missing from the checkpoint."
+                )
+        orphans = sorted(set(self.where) - set(named))
+        if orphans:
+            owners = [index.get(o, o) for o in orphans]
+            raise StorageError(
+                f"{', '.join(owners[:3])}: the checkpoint holds the mask but the metadata has no entry for it (the "
+                "entry was removed); the sparsity state is incomplete. Save the model again."
+            )
+        if not self.doc["digest_ok"]:
+            raise StorageError(
+                "the hybrid_sparse metadata does not match its digest: its recipe or list of modules was edited "
+                "after saving. Save the model again."
+            )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` (a mask) from the file that holds it."""
+        path = self.where[name]
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._handles[path].get_tensor(name)
+
+    def mask(self, key: str) -> torch.Tensor:
+        """The full keep-mask of module entry ``key`` (either mask layout), in the parameter's shape."""
+        entry = self.doc["modules"][key]
+        packed = self.tensor(entry["mask"])
+        if entry.get("mask_scope", "all") != "nondense":
+            return _unpack(key, packed, entry["shape"])
+        informative = non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
+        mask = torch.ones(entry["shape"], dtype=torch.bool)
+        mask[informative] = _unpack(key, packed, (int(informative.sum()),))
+        return mask
+
+
+def _first_difference(a: str, b: str) -> str:
+    """`` in <module>`` for the first module entry where two header documents differ (best effort)."""
+    try:
+        ma, mb = json.loads(a).get("modules", {}), json.loads(b).get("modules", {})
+    except (ValueError, AttributeError):
+        return ""
+    for key in sorted(set(ma) | set(mb)):
+        if ma.get(key) != mb.get(key):
+            return f" in {key}"
+    return ""
+
+
+def read_metadata(files: list[str]) -> dict | None:
+    """The parsed (and cross-checked) header document of ``files`` (``None`` when none has one)."""
+    with Checkpoint(files) as ckpt:
+        return ckpt.doc
+
+
+def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, torch.Tensor]:
+    module_name, _, pname = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise StorageError(
+            f"{key}: the saved sparsity state names a module the model does not have."
+        ) from None
+    param = getattr(module, pname, None)
+    if not isinstance(param, torch.nn.Parameter):
+        raise StorageError(f"{key}: the model has no such parameter.")
+    return module, pname, param
 
 
 def restore_state(model: torch.nn.Module, files: list[str]) -> None:
     """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``."""
-    where: dict[str, str] = {}
-    doc = read_metadata(files, where)
-    if doc is None:
-        raise StorageError(
-            f"The checkpoint declares quant_method='{QUANT_METHOD}' but its safetensors headers hold no "
-            f"'{METADATA_KEY}' metadata; the files were not written by hf-hybrid-sparse or were edited."
-        )
-    handles: dict[str, Any] = {}
-    try:
-        for key, entry in doc["modules"].items():
-            module_name, _, pname = key.rpartition(".")
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                raise StorageError(
-                    f"{key}: the saved sparsity state names a module the model does not have."
-                ) from None
-            param = getattr(module, pname, None)
-            if not isinstance(param, torch.nn.Parameter):
-                raise StorageError(f"{key}: the model has no such parameter.")
-            if tuple(param.shape) != entry["shape"]:
+    with Checkpoint(files) as ckpt:
+        if ckpt.doc is None:
+            raise StorageError(
+                f"The checkpoint declares quant_method='{QUANT_METHOD}' but its safetensors headers hold no "
+                f"'{METADATA_KEY}' metadata; the files were not written by hf-hybrid-sparse or were edited."
+            )
+        for key, entry in ckpt.doc["modules"].items():
+            module, pname, param = _resolve(model, key)
+            compressed = entry["values"] is not None
+            if not compressed and tuple(param.shape) != entry["shape"]:
                 raise StorageError(
                     f"{key}: the saved mask has shape {list(entry['shape'])} but the parameter has {list(param.shape)}."
                 )
-            mask = load_mask(key, entry, where, handles)
-            if int(mask.sum()) != entry["kept"]:
+            mask = ckpt.mask(key)
+            kept = int(mask.sum())
+            if kept != entry["kept"]:
                 raise StorageError(
-                    f"{key}: the mask keeps {int(mask.sum())} weights, the metadata says {entry['kept']}."
+                    f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}."
                 )
-            if entry["values"] is not None:
-                _fill_from_values(key, param, mask, entry, where, handles)
+            if compressed:
+                param = _fill_from_values(key, module, pname, param, mask, entry)
             if param.device.type != "meta":
-                revived = param.detach()[~mask.to(param.device)]
-                if revived.numel() and bool((revived != 0).any()):
+                revived = (param.detach() != 0) & ~mask.to(param.device)
+                if bool(revived.any()):
                     raise StorageError(
-                        f"{key}: {int((revived != 0).sum())} weights that the mask prunes are not zero; the weights "
+                        f"{key}: {int(revived.sum())} weights that the mask prunes are not zero; the weights "
                         "and the mask disagree (edited or mixed-up checkpoint)."
                     )
-            tiers = entry["tier_map"]
-            if tiers is not None:
-                _check_tiers(key, mask, tiers, entry)
+            if entry["tier_map"] is not None:
+                _check_tiers(key, mask, entry["tier_map"], entry)
+            else:
+                _check_pattern(key, mask, entry)
             state = ParamSparsity(
                 mask=mask.to(param.device if param.device.type != "meta" else "cpu"),
-                tier_map=tiers,
+                tier_map=entry["tier_map"],
                 pattern=entry["pattern"],
                 method=entry["method"],
                 block_size=entry["block_size"],
@@ -145,22 +230,38 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
                 transposed=entry["transposed"],
             )
             set_param_state(module, pname, state)
-    finally:
-        handles.clear()
 
 
-def _fill_from_values(key, param, mask, entry, where, handles) -> None:
-    values = _tensor(key, "values", entry["values"], where, handles)
-    if values.dim() != 1 or values.numel() != entry["kept"]:
-        raise StorageError(f"{key}: {values.numel()} stored values for {entry['kept']} kept weights.")
+def _fill_from_values(key, module, pname, param, mask, entry) -> torch.nn.Parameter:
+    """Rebuild a compressed parameter (loaded as its 1-D kept values) as the dense weight."""
     if param.device.type == "meta":
         raise StorageError(
             f"{key}: compressed checkpoints cannot be loaded into offloaded (meta) parameters."
         )
-    dense = torch.zeros(entry["shape"], dtype=param.dtype)
-    dense[mask] = values.to(param.dtype)
-    with torch.no_grad():
-        param.copy_(dense.to(param.device))
+    if param.dim() != 1 or param.numel() != entry["kept"]:
+        raise StorageError(f"{key}: {param.numel()} stored values for {entry['kept']} kept weights.")
+    dense = torch.zeros(entry["shape"], dtype=param.dtype, device=param.device)
+    dense[mask.to(param.device)] = param.detach()
+    new = torch.nn.Parameter(dense, requires_grad=param.requires_grad)
+    setattr(module, pname, new)
+    return new
+
+
+def _check_pattern(key: str, mask: torch.Tensor, entry: dict) -> None:
+    """An N:M entry's mask keeps at most N of every M consecutive inputs of each row."""
+    if entry["pattern"] in ("unstructured", "zeros"):
+        return
+    try:
+        n, m = parse_nm(entry["pattern"])
+    except ConfigError:
+        raise StorageError(f"{key}: pattern {entry['pattern']!r} is not valid.") from None
+    logical = mask.transpose(-1, -2) if entry["transposed"] else mask
+    if logical.shape[-1] % m:
+        raise StorageError(f"{key}: {logical.shape[-1]} inputs do not divide into groups of {m}.")
+    if (logical.reshape(*logical.shape[:-1], -1, m).sum(-1) > n).any():
+        raise StorageError(
+            f"{key}: the mask keeps more than {n} of {m} weights in a group (pattern {entry['pattern']})."
+        )
 
 
 def _check_tiers(key: str, mask: torch.Tensor, tiers: torch.Tensor, entry: dict) -> None:

@@ -9,8 +9,8 @@ import torch
 from ..bits import pack_bits
 from ..errors import StorageError
 from ..kernels.linear import HybridSparseLinear
-from ..state import iter_sparse_params
-from .format import MASK_PREFIX, METADATA_KEY, VALUES_PREFIX, encode_metadata, encode_tier_map
+from ..state import iter_sparse_params, revived_weights
+from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, encode_mask_index, encode_metadata, encode_tier_map
 from .reader import non_dense
 
 
@@ -18,10 +18,22 @@ def sparse_state_dict(
     model: torch.nn.Module, recipe: dict[str, Any], compressed: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``model.state_dict()`` plus the packed masks (and, compressed, kept values instead of dense
-    weights), and the header metadata ``{"hybrid_sparse": json}`` describing them."""
+    weights), and the header metadata ``{"hybrid_sparse": json}`` describing them.
+
+    Refuses (before anything is written) a model whose pruned weights are not all zero.
+    """
     if any(isinstance(m, HybridSparseLinear) for m in model.modules()):
         raise StorageError(
             "The model holds packed HybridSparseLinear layers; call convert_to_dense(model) before saving."
+        )
+    revived = revived_weights(model)
+    if revived:
+        listed = ", ".join(f"{k} ({v})" for k, v in list(revived.items())[:3])
+        raise StorageError(
+            f"{sum(revived.values())} pruned weights are not zero in {len(revived)} parameter(s): {listed}. Something "
+            "changed them outside the mask guards (a hand-written update under torch.no_grad, an optimizer that moves "
+            "weights without gradients). Nothing was written. Call hf_hybrid_sparse.apply_masks(model) to zero them "
+            "(then evaluate the model again), or prune again."
         )
     state_dict = model.state_dict()
     modules = {}
@@ -56,8 +68,7 @@ def sparse_state_dict(
         else:
             state_dict[mask_key] = pack_bits(state.mask)
         if compressed:
-            values_key = f"{VALUES_PREFIX}{index:05d}"
-            weight = state_dict.pop(key)
-            state_dict[values_key] = weight[state.mask.to(weight.device)].contiguous()
-            modules[key]["values"] = values_key
-    return state_dict, {METADATA_KEY: encode_metadata(recipe, modules)}
+            weight = state_dict[key]
+            state_dict[key] = weight[state.mask.to(weight.device)].contiguous()
+            modules[key]["values"] = key
+    return state_dict, {METADATA_KEY: encode_metadata(recipe, modules), INDEX_KEY: encode_mask_index(modules)}

@@ -126,13 +126,13 @@ def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]
             raise CalibrationError(
                 f"A token tensor must be 2-D [samples, tokens], got shape {tuple(data.shape)}."
             )
-        return "tokens", list(data.long())
+        return "tokens", list(_token_ids(data))
     try:
         import datasets
 
         if isinstance(data, datasets.Dataset):
             if "input_ids" in data.column_names:
-                return "tokens", [torch.as_tensor(x, dtype=torch.long) for x in data["input_ids"]]
+                return "tokens", [_token_ids(torch.as_tensor(x)) for x in data["input_ids"]]
             if "text" in data.column_names:
                 return "text", [str(x) for x in data["text"]]
             raise CalibrationError(
@@ -146,11 +146,32 @@ def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]
         if all(isinstance(x, str) for x in data):
             return "text", list(data)
         if all(isinstance(x, (torch.Tensor, list, tuple)) for x in data):
-            return "tokens", [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in data]
+            return "tokens", [_token_ids(torch.as_tensor(x)).reshape(-1) for x in data]
     raise CalibrationError(
         f"Cannot use {type(data).__name__} as calibration data; pass a name, a .txt/.jsonl path, a list of "
         "strings or token tensors, or a datasets.Dataset with a 'text' or 'input_ids' column."
     )
+
+
+def _token_ids(t: torch.Tensor) -> torch.Tensor:
+    """Integer token ids as int64; float or bool tensors are refused (a cast would change them silently)."""
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise CalibrationError(
+            f"token ids must be an integer tensor, got {t.dtype}; pass input_ids from a tokenizer (or text)."
+        )
+    return t.long()
+
+
+def _check_vocabulary(samples: torch.Tensor, model: Any) -> None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(
+        getattr(model, "config", None), "vocab_size", None
+    )
+    if samples.numel() and (int(samples.min()) < 0 or (vocab is not None and int(samples.max()) >= vocab)):
+        raise CalibrationError(
+            f"token ids range over [{int(samples.min())}, {int(samples.max())}] but the model's vocabulary has "
+            f"{vocab} entries; use the model's own tokenizer."
+        )
 
 
 def tokenize_joined(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -200,7 +221,17 @@ def get_calibration_samples(
     seed: int = 0,
     model: Any = None,
 ) -> torch.Tensor:
-    """``[nsamples, seqlen]`` LongTensor of calibration token ids (rules in the module docstring)."""
+    """``[nsamples, seqlen]`` LongTensor of calibration token ids (rules in the module docstring).
+
+    With ``model``, windows longer than its positions and ids outside its vocabulary are refused.
+    """
+    samples = _samples(data, tokenizer, nsamples, seqlen, seed, model)
+    if model is not None:
+        _check_vocabulary(samples, model)
+    return samples
+
+
+def _samples(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, model: Any) -> torch.Tensor:
     check_seqlen(model, seqlen)
     is_pairs = (
         isinstance(data, (list, tuple))
@@ -215,7 +246,7 @@ def get_calibration_samples(
             )
         counts = mixture_counts([w for _, w in parts], nsamples)
         chunks = [
-            get_calibration_samples(name, tokenizer, n, seqlen, seed + i, model=model)
+            _samples(name, tokenizer, n, seqlen, seed + i, model)
             for i, ((name, _), n) in enumerate(zip(parts, counts))
             if n > 0
         ]

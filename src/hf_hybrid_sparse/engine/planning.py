@@ -12,6 +12,7 @@ from ..errors import ModelStructureError
 from ..pruning.matrix import check_previous_tiers, shape_problem
 from ..state import get_state
 from .discovery import Target, check_causal_lm, find_decoder_blocks, find_targets, matches
+from .offload import is_offloaded
 
 
 @dataclass
@@ -57,15 +58,55 @@ def plan(model: nn.Module, config: HybridSparseConfig, previous: dict[str, torch
             kept.append(t)
         per_block.append(kept)
     result = Plan(blocks_path, blocks, per_block, skipped)
-    if not result.all_targets() and not skipped:
+    if not result.all_targets():
+        if skipped:
+            first = next(iter(skipped.items()))
+            raise ModelStructureError(
+                f"indivisible='skip' leaves every one of the {len(skipped)} targeted layers dense (e.g. "
+                f"{first[0]}: {first[1]}): nothing would be pruned. Pick a block size / N:M that fits the model."
+            )
         raise ModelStructureError(
             f"No prunable linear layers found in the decoder blocks at `{blocks_path}` of "
             f"{type(model).__name__} with targets={config.targets!r} and ignore={config.ignore!r}."
         )
     if config.targets is not None:
         _check_targets_inside(model, config, result)
+    _check_weights(result)
+    _check_composition(config, result)
     result.previous = _previous_tier_maps(config, result, previous)
     return result
+
+
+def _check_weights(plan: Plan) -> None:
+    """Every target weight is loaded (or offloaded by accelerate) and finite."""
+    for block, targets in zip(plan.blocks, plan.targets):
+        for t in targets:
+            param = t.param
+            if param.device.type == "meta":
+                if not is_offloaded(block):
+                    raise ModelStructureError(
+                        f"{t.name}: the weight is on the meta device (not loaded) and no accelerate hook offloads it; "
+                        "load the model with its weights (or with a device_map that offloads them)."
+                    )
+                continue  # checked when its block is loaded
+            if not bool(torch.isfinite(param.detach()).all()):
+                raise ModelStructureError(
+                    f"{t.name} holds non-finite weights (NaN or inf); pruning needs finite weights. No weight was changed."
+                )
+
+
+def _check_composition(config: HybridSparseConfig, plan: Plan) -> None:
+    """Re-pruning keeps the old zeros; hybrid tiers cannot, over a mask that pruned weights of DENSE blocks."""
+    if config.pattern != "hybrid":
+        return
+    for t in plan.all_targets():
+        state = get_state(t.module).get(t.param_name)
+        if state is not None and state.pattern != "hybrid":
+            raise ModelStructureError(
+                f"{t.name} is already pruned with pattern {state.pattern!r}: hybrid DENSE blocks keep every weight, so "
+                "they cannot hold its pruned zeros. Prune the dense model as hybrid, or prune this one again with "
+                f"pattern={state.pattern!r} (or 'unstructured')."
+            )
 
 
 def _check_targets_inside(model: nn.Module, config: HybridSparseConfig, plan: Plan) -> None:

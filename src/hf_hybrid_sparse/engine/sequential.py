@@ -44,6 +44,10 @@ def _prune_target(
 ) -> tuple[torch.Tensor, ParamSparsity, ModuleReport]:
     param = target.param
     weight = _logical(param.detach(), target.transposed).float()
+    if not bool(torch.isfinite(weight).all()):
+        raise PruningError(
+            f"{target.name} holds non-finite weights (NaN or inf); pruning needs finite weights."
+        )
     old_state = get_state(target.module).get(target.param_name)
     old_mask = None
     if old_state is not None:
@@ -101,6 +105,15 @@ def _prune_target(
     return new_param, state, report
 
 
+def _done_message(failed: int, total: int) -> str:
+    if failed == 0:
+        return "No weight was changed."
+    return (
+        f"Blocks 0..{failed - 1} of {total} are pruned and carry their sparsity state; block {failed} and later "
+        "are unchanged."
+    )
+
+
 def _walk(
     model, config: HybridSparseConfig, calib_dataset, tokenizer, p: Plan, report: SparsityReport
 ) -> None:
@@ -141,16 +154,20 @@ def _walk(
                         captured.calls[i][b].call(block, h.to(execution_device(block)))
             bar.set_postfix_str("pruning")
             with onloaded(block):
+                # a block is pruned entirely or not at all: compute every target first, then write them
+                results = []
                 for t in targets:
                     try:
-                        new_param, state, mod_report = _prune_target(
-                            t, config, stats.get(t.name), p.previous.get(t.name)
+                        results.append(
+                            (t, *_prune_target(t, config, stats.get(t.name), p.previous.get(t.name)))
                         )
-                        write_param(block, t.module_name, t.param_name, new_param)
                     except Exception as exc:
                         raise PruningError(
-                            f"Pruning failed in block {i} (`{block_name}`), module `{t.name}`: {exc}"
+                            f"Pruning failed in block {i} (`{block_name}`), module `{t.name}`: {exc}. "
+                            + _done_message(i, len(blocks))
                         ) from exc
+                for t, new_param, state, mod_report in results:
+                    write_param(block, t.module_name, t.param_name, new_param)
                     set_param_state(t.module, t.param_name, state)
                     report.modules.append(mod_report)
             if needs_data and i < len(blocks) - 1:

@@ -1,13 +1,25 @@
-"""Keeping the sparsity through training: the mask guards, sparse LoRA, progressive pruning with fine-tuning."""
+"""Keeping the sparsity through training: the mask guards, sparse LoRA, progressive pruning with fine-tuning.
 
-from .lora import MaskedLoraVariant, get_sparse_peft_model, load_sparse_peft_model, merge_sparse_lora
-from .trainer import SparseTrainer, SparsityMaskCallback
+Names load on first use: the trainer pulls in ``transformers.Trainer`` and LoRA pulls in peft.
+"""
 
-__all__ = [
-    "SparseTrainer",
-    "SparsityMaskCallback",
-    "MaskedLoraVariant",
-    "get_sparse_peft_model",
-    "load_sparse_peft_model",
-    "merge_sparse_lora",
-]
+import importlib
+
+_NAMES = {
+    "SparseTrainer": "trainer",
+    "SparsityMaskCallback": "trainer",
+    "MaskedLoraVariant": "lora",
+    "RemaskLoraVariant": "lora",
+    "get_sparse_peft_model": "lora",
+    "load_sparse_peft_model": "lora",
+    "merge_sparse_lora": "lora",
+}
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_NAMES)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from ..checkpoint.reader import load_mask, read_metadata
+from ..checkpoint.reader import Checkpoint
 from ..engine.discovery import find_decoder_blocks, find_targets
 from ..errors import SparsityError
 from ..state import ParamSparsity, iter_sparse_params, set_param_state
@@ -206,24 +206,22 @@ class SparseTrainer(Trainer):
 def check_checkpoint_masks(model: nn.Module, checkpoint_dir: str) -> None:
     """Raise :class:`SparsityError` if the masks saved in ``checkpoint_dir`` differ from ``model``'s."""
     files = sorted(str(p) for p in Path(checkpoint_dir).glob("*.safetensors"))
-    where: dict[str, str] = {}
-    doc = read_metadata(files, where) if files else None
-    if doc is None:
-        return  # a checkpoint without sparsity metadata (e.g. adapter-only): nothing to compare
-    mine = {f"{n}.{p}": s for n, _, p, s in iter_sparse_params(model)}
-    handles: dict = {}
-    # adapter-wrapped models name modules differently: compare by suffix
-    for key, entry in doc["modules"].items():
-        match = mine.get(key) or next(
-            (s for k, s in mine.items() if k.endswith("." + key) or key.endswith("." + k)), None
-        )
-        if match is None:
-            raise SparsityError(f"The checkpoint has a mask for {key} but the model has none there.")
-        if entry["mask"] not in where:
-            continue
-        saved = load_mask(key, entry, where, handles)
-        if not torch.equal(saved, match.mask.cpu()):
-            raise SparsityError(
-                f"{key}: the checkpoint's mask differs from the model's ({int((saved != match.mask.cpu()).sum())} "
-                "entries); resume with the model the checkpoint was trained from."
+    if not files:
+        return
+    with Checkpoint(files) as ckpt:
+        if ckpt.doc is None:
+            return  # a checkpoint without sparsity metadata (e.g. adapter-only): nothing to compare
+        mine = {f"{n}.{p}": s for n, _, p, s in iter_sparse_params(model)}
+        # adapter-wrapped models name modules differently: compare by suffix
+        for key in ckpt.doc["modules"]:
+            match = mine.get(key) or next(
+                (s for k, s in mine.items() if k.endswith("." + key) or key.endswith("." + k)), None
             )
+            if match is None:
+                raise SparsityError(f"The checkpoint has a mask for {key} but the model has none there.")
+            saved = ckpt.mask(key)
+            if not torch.equal(saved, match.mask.cpu()):
+                raise SparsityError(
+                    f"{key}: the checkpoint's mask differs from the model's ({int((saved != match.mask.cpu()).sum())} "
+                    "entries); resume with the model the checkpoint was trained from."
+                )
