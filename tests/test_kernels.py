@@ -125,7 +125,7 @@ INTERPRETER_CHECK = textwrap.dedent(
     from hf_hybrid_sparse.kernels.packing import pack
     worst = 0.0
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)):
-        for tokens, k in ((1, 15), (5, 15), (16, 7)):
+        for tokens, k in ((1, 15), (5, 15), (16, 7), (3, 0)):  # k=0: TOPK blocks keep nothing
             w, mask, tiers = random_hybrid(48, 80, dtype, seed=tokens, k=k)
             bias = torch.randn(48).to(dtype)
             x = torch.randn(tokens, 80).to(dtype)

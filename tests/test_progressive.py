@@ -246,6 +246,68 @@ def test_resume_folder_from_another_run_is_refused(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (
+            lambda s: setattr(s, "config", HybridSparseConfig(nsamples=4, seqlen=32, method="magnitude")),
+            "recipe.method",
+        ),
+        (lambda s: setattr(s, "config", HybridSparseConfig(nsamples=8, seqlen=32)), "recipe.nsamples"),
+        (lambda s: setattr(s, "finetune_steps", 5), "finetune_steps"),
+        (lambda s: setattr(s, "learning_rate", 1e-3), "learning_rate"),
+        (lambda s: setattr(s, "seed", 3), "seed"),
+        (lambda s: setattr(s, "calib", random_tokens(64, 32, seed=9)), "calib"),
+    ],
+)
+def test_resume_with_changed_settings_is_refused_naming_the_field(tmp_path, change, field):
+    sched = parse_rows(ROWS)
+    run_progressive(
+        tiny_model("llama"), None, sched, _settings(), tmp_path / "r", model_id="llama", stop_after=1
+    )
+    changed = _settings()
+    change(changed)
+    with pytest.raises(HybridSparseError, match=rf"other settings than the run was started with \({field}: "):
+        run_progressive(tiny_model("llama"), None, sched, changed, tmp_path / "r", model_id="llama")
+    # where it runs is not pinned: another device / activation offloading resumes fine
+    moved = _settings()
+    moved.config = HybridSparseConfig(nsamples=4, seqlen=32, offload_activations=True, device="cpu")
+    summary = run_progressive(tiny_model("llama"), None, sched, moved, tmp_path / "r", model_id="llama")
+    assert [s["iteration"] for s in summary] == [1, 2, 3]
+
+
+def test_iteration_folders_without_run_json_are_refused(tmp_path):
+    sched = parse_rows(ROWS)
+    run_progressive(
+        tiny_model("llama"), None, sched, _settings(), tmp_path / "r", model_id="llama", stop_after=1
+    )
+    (tmp_path / "r" / "run.json").unlink()
+    with pytest.raises(HybridSparseError, match="iteration folders but no run.json"):
+        run_progressive(
+            tiny_model("llama"), None, parse_rows(ROWS[:2]), _settings(), tmp_path / "r", model_id="llama"
+        )
+
+
+def test_schedule_numbering_is_kept_and_done_iterations_are_not_recomputed(tmp_path, monkeypatch):
+    import hf_hybrid_sparse.training.progressive as prog
+
+    sched = parse_rows([dict(r, iteration=10 * r["iteration"]) for r in ROWS])
+    run_progressive(
+        tiny_model("llama"), None, sched, _settings(), tmp_path / "r", model_id="llama", stop_after=2
+    )
+    assert sorted(p.name for p in (tmp_path / "r").glob("iteration-*")) == ["iteration-010", "iteration-020"]
+    pruned = []
+    real = prog.apply_hybrid_sparsity
+    monkeypatch.setattr(
+        prog,
+        "apply_hybrid_sparsity",
+        lambda m, c, *a, **k: pruned.append(c.tier_ratios) or real(m, c, *a, **k),
+    )
+    summary = run_progressive(tiny_model("llama"), None, sched, _settings(), tmp_path / "r", model_id="llama")
+    assert pruned == [(0.35, 0.45, 0.2)]  # only iteration 30 ran
+    assert [s["iteration"] for s in summary] == [10, 20, 30]
+
+
 def test_progressive_command(tmp_path, capsys, tiny_checkpoint):
     from hf_hybrid_sparse.cli import main
 

@@ -43,6 +43,14 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str | None]:
     return str(name_or_path), None
 
 
+def load_config(name_or_path: str | None = None):
+    """The model's ``PretrainedConfig`` only (cheap): lets commands check arguments before loading weights."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve_model(name_or_path)
+    return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+
+
 def load_model_and_tokenizer(
     name_or_path: str | None = None, dtype: str | torch.dtype | None = None, device_map: Any = None
 ):

@@ -180,11 +180,24 @@ def recover(folder: str | os.PathLike) -> bool:
     return True
 
 
-def _atomic_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(staging)`` and put the result in place of ``save_directory`` (see the module docstring)."""
+def check_target(save_directory: str | os.PathLike) -> Path:
+    """Refuse, before any work, a save target that is a file or whose parent cannot be created or written."""
     target = Path(save_directory).resolve()
     if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a directory; choose a folder to save into.")
+        raise StorageError(f"{target} exists and is not a directory; choose a folder to save into.")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot create {target}: {parent} is not a writable folder.")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise StorageError(f"{target} is not writable.")
+    return target
+
+
+def _atomic_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(staging)`` and put the result in place of ``save_directory`` (see the module docstring)."""
+    target = check_target(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(target)
     in_place = target.is_dir() and os.path.ismount(target)

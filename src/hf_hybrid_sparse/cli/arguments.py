@@ -104,3 +104,20 @@ def say(text: str) -> None:
     """Command output for the user (tables, results): stdout, not logging."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def preflight(model: str, seqlens: tuple[int, ...] = (), calib: Any = None, save: str | None = None) -> None:
+    """Check what can be checked before minutes of loading: the data names, the save target, sequence lengths."""
+    from types import SimpleNamespace
+
+    from ..checkpoint.saving import check_target
+    from ..data.calibration import check_seqlen, check_source
+    from ..models import load_config
+
+    if calib is not None:
+        check_source(calib)
+    if save:
+        check_target(save)
+    config = SimpleNamespace(config=load_config(model))
+    for seqlen in seqlens:
+        check_seqlen(config, seqlen)

@@ -29,6 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = importlib.import_module(f".{COMMANDS[argv[0]]}", __package__).run
         return run(argv[1:])
-    except (HybridSparseError, ImportError, FileNotFoundError) as exc:
+    except (HybridSparseError, ImportError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

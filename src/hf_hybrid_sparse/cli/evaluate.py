@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from .arguments import ModelArguments, say
+from .arguments import ModelArguments, preflight, say
 
 
 @dataclass
@@ -66,6 +66,8 @@ def run(argv: list[str]) -> int:
     parser = HfArgumentParser((ModelArguments, EvalCommandArguments))
     parser.prog = "hf-hybrid-sparse eval"
     model_args, args = parser.parse_args_into_dataclasses(args=argv)
+    for name in [n.strip() for n in args.perplexity.split(",") if n.strip()]:
+        preflight(model_args.model, (args.seqlen,), calib=name)
     from ..models import load_model_and_tokenizer
 
     columns = {}

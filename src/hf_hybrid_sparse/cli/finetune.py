@@ -8,7 +8,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from ..errors import HybridSparseError
-from .arguments import ModelArguments, say
+from .arguments import ModelArguments, preflight, say
 
 
 @dataclass
@@ -45,6 +45,7 @@ def run(argv: list[str]) -> int:
     model_args, ft, targs = parser.parse_args_into_dataclasses(args=argv)
     if ft.lora_mode not in ("masked", "remask"):
         raise HybridSparseError(f"--lora_mode {ft.lora_mode!r}: choose masked or remask.")
+    preflight(model_args.model, (ft.seqlen,), calib=ft.data, save=ft.final_dir)
 
     from ..checkpoint.saving import save_pruned
     from ..data.calibration import lm_dataset

@@ -13,7 +13,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from ..errors import HybridSparseError
-from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, recipe_from_args, say
+from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, preflight, recipe_from_args, say
 
 
 @dataclass
@@ -62,6 +62,9 @@ def run(argv: list[str]) -> int:
             f"progressive prunes into hybrid tiers; --pattern {recipe_args.pattern!r} is not 'hybrid'."
         )
     config = recipe_from_args(recipe_args)
+    preflight(
+        model_args.model, (config.seqlen, args.eval_seqlen, args.finetune_seqlen), calib=calib_args.calib
+    )
 
     from ..models import load_model_and_tokenizer
     from ..training.progressive import ProgressiveSettings, run_progressive, summary_markdown

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, recipe_from_args, say
+from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, preflight, recipe_from_args, say
 
 
 @dataclass
@@ -49,6 +49,8 @@ def run(argv: list[str]) -> int:
     parser.prog = "hf-hybrid-sparse prune"
     model_args, recipe_args, calib_args, eval_args, out_args = parser.parse_args_into_dataclasses(args=argv)
     config = recipe_from_args(recipe_args)  # validates before anything is loaded
+    seqlens = (config.seqlen,) if eval_args.skip_eval else (config.seqlen, eval_args.eval_seqlen)
+    preflight(model_args.model, seqlens, calib=calib_args.calib, save=out_args.save)
 
     from ..api import apply_hybrid_sparsity
     from ..checkpoint.saving import save_pruned

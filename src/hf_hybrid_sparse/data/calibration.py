@@ -153,6 +153,26 @@ def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]
     )
 
 
+def check_source(data: Any) -> None:
+    """Refuse a calibration spec that cannot resolve (unknown name, missing file, bad mixture) before any work.
+
+    Only names and paths are checked here; the data itself is read when the samples are drawn.
+    """
+    if not isinstance(data, (str, os.PathLike)):
+        return
+    key = str(data)
+    if key in NAMED_DATASETS or key in SOURCES or Path(key).exists():
+        return
+    if ":" in key:
+        for name, _ in parse_mixture(key):
+            check_source(name)
+        return
+    raise CalibrationError(
+        f"Unknown calibration dataset {key!r}: not a file, and not one of the names "
+        f"{', '.join(sorted(set(NAMED_DATASETS) | set(SOURCES)))} (or a NAME:WEIGHT,... mixture)."
+    )
+
+
 def _token_ids(t: torch.Tensor) -> torch.Tensor:
     """Integer token ids as int64; float or bool tensors are refused (a cast would change them silently)."""
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():

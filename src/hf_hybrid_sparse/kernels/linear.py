@@ -103,7 +103,7 @@ class HybridSparseLinear(nn.Module):
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.path == "reference":
             return False
-        ok = x.is_cuda and x.dtype in KERNEL_DTYPES and self.topk >= 1 and triton_available()
+        ok = x.is_cuda and x.dtype in KERNEL_DTYPES and triton_available()
         if not ok and self.path == "triton":
             raise HybridSparseError(
                 f"the Triton path needs CUDA, Triton and a dtype in {KERNEL_DTYPES} (got device {x.device}, "

@@ -41,7 +41,7 @@ def _decode_kernel():
         d_vals, d_ptr, d_cols,
         n_vals, n_idx, n_ptr, n_cols,
         t_vals, t_pos, t_ptr, t_cols,
-        HAS_BIAS: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_TOPK: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     ):  # fmt: skip
         r = tl.program_id(0)
         offs_t = tl.arange(0, BT)
@@ -75,22 +75,23 @@ def _decode_kernel():
             )  # [T, 16, 8]
             acc += tl.sum(xg.to(tl.float32) * v[None, :, :], axis=2)
 
-        start = tl.load(t_ptr + r)
-        end = tl.load(t_ptr + r + 1)
-        ik = tl.arange(0, KP)
-        kmask = ik < K
-        for b in range(start, end):
-            c = tl.load(t_cols + b)
-            v = tl.load(t_vals + b * K + ik, mask=kmask, other=0.0).to(tl.float32)
-            p = tl.load(t_pos + b * K + ik, mask=kmask, other=0).to(tl.int32)
-            xg = tl.load(
-                x_ptr + offs_t[:, None] * stride_x + c * 16 + (p % 16)[None, :],
-                mask=tmask[:, None] & kmask[None, :],
-                other=0.0,
-            )  # [T, KP]
-            contrib = xg.to(tl.float32) * v[None, :]
-            onehot = ((p // 16)[:, None] == i16[None, :]).to(tl.float32)  # [KP, 16]
-            acc += tl.sum(contrib[:, :, None] * onehot[None, :, :], axis=1)
+        if HAS_TOPK:  # topk_per_block=0: TOPK blocks hold nothing, and their value arrays are empty
+            start = tl.load(t_ptr + r)
+            end = tl.load(t_ptr + r + 1)
+            ik = tl.arange(0, KP)
+            kmask = ik < K
+            for b in range(start, end):
+                c = tl.load(t_cols + b)
+                v = tl.load(t_vals + b * K + ik, mask=kmask, other=0.0).to(tl.float32)
+                p = tl.load(t_pos + b * K + ik, mask=kmask, other=0).to(tl.int32)
+                xg = tl.load(
+                    x_ptr + offs_t[:, None] * stride_x + c * 16 + (p % 16)[None, :],
+                    mask=tmask[:, None] & kmask[None, :],
+                    other=0.0,
+                )  # [T, KP]
+                contrib = xg.to(tl.float32) * v[None, :]
+                onehot = ((p // 16)[:, None] == i16[None, :]).to(tl.float32)  # [KP, 16]
+                acc += tl.sum(contrib[:, :, None] * onehot[None, :, :], axis=1)
 
         if HAS_BIAS:
             acc += tl.load(b_ptr + r * 16 + i16).to(tl.float32)[None, :]
@@ -120,6 +121,6 @@ def decode(
         t["dense_vals"], t["dense_row_ptr"], t["dense_cols"],
         t["nm_vals"], t["nm_idx"], t["nm_row_ptr"], t["nm_cols"],
         t["topk_vals"], t["topk_pos"], t["topk_row_ptr"], t["topk_cols"],
-        HAS_BIAS=bias is not None, BT=16, K=max(packed.topk, 1), KP=max(kp, 16),
+        HAS_BIAS=bias is not None, HAS_TOPK=packed.topk > 0, BT=16, K=max(packed.topk, 1), KP=max(kp, 16),
     )  # fmt: skip
     return y

@@ -13,6 +13,7 @@ as an uninterrupted one. ``OUTPUT/run.json`` pins the schedule and the model a f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.utils import logging as hf_logging
 
 from ..api import apply_hybrid_sparsity
@@ -68,33 +70,103 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_run_folder(output: Path, fingerprint: str, model_id: str, resume: bool) -> int:
-    """Validate/initialise the output folder; return how many iterations are already complete."""
+_NOT_PINNED = ("device", "offload_activations", "use_kernels")  # where it runs, not what it computes
+
+
+def _describe(data: Any) -> Any:
+    """A JSON-able identity of a data argument (names and paths as given, other data by content hash)."""
+    if data is None or isinstance(data, (str, int, float)):
+        return data
+    fingerprint = getattr(data, "_fingerprint", None)  # datasets.Dataset
+    if isinstance(fingerprint, str):
+        return f"dataset:{fingerprint}"
+    digest = hashlib.sha256()
+    if isinstance(data, torch.Tensor):
+        digest.update(data.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        digest.update(repr(data).encode("utf-8", "replace"))
+    return f"{type(data).__name__}:{digest.hexdigest()[:16]}"
+
+
+def pinned_settings(settings: ProgressiveSettings) -> dict[str, Any]:
+    """Every setting that shapes a progressive run's result (what a resume must not change)."""
+    recipe = {k: v for k, v in settings.config.to_dict().items() if k not in _NOT_PINNED}
+    return {
+        "recipe": recipe,
+        "calib": _describe(settings.calib),
+        "train_data": _describe(settings.train_data),
+        "train_seqlen": settings.train_seqlen,
+        "finetune_steps": settings.finetune_steps,
+        "learning_rate": settings.learning_rate,
+        "batch_size": settings.batch_size,
+        "lora_r": settings.lora_r,
+        "lora_targets": settings.lora_targets,
+        "eval_data": _describe(settings.eval_data),
+        "eval_seqlen": settings.eval_seqlen,
+        "eval_windows": settings.eval_windows,
+        "seed": settings.seed,
+    }
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _check_run_folder(output: Path, schedule: list[Iteration], run: dict[str, Any], resume: bool) -> int:
+    """Validate/initialise the output folder; return how many iterations of ``schedule`` are complete."""
     output.mkdir(parents=True, exist_ok=True)
     run_file = output / RUN_FILE
+    done = 0
+    while done < len(schedule) and (_iteration_dir(output, schedule[done]) / PROGRESS_FILE).exists():
+        done += 1
     if run_file.exists():
         try:
-            run = json.loads(run_file.read_text())
+            saved = json.loads(run_file.read_text())
         except (OSError, json.JSONDecodeError):
             raise HybridSparseError(f"{run_file} is unreadable; use a new output folder.") from None
         if not resume:
             raise HybridSparseError(
                 f"{output} already holds a progressive run; pass resume=True (--resume) or a new folder."
             )
-        if run.get("schedule") != fingerprint:
+        if saved.get("schedule") != run["schedule"]:
             raise HybridSparseError(
-                f"{output} belongs to another schedule (fingerprint {run.get('schedule')}, now {fingerprint})."
+                f"{output} belongs to another schedule (fingerprint {saved.get('schedule')}, now {run['schedule']})."
             )
-        if run.get("model") != model_id:
+        if saved.get("model") != run["model"]:
             raise HybridSparseError(
-                f"{output} belongs to another model ({run.get('model')!r}, now {model_id!r})."
+                f"{output} belongs to another model ({saved.get('model')!r}, now {run['model']!r})."
+            )
+        changed = _differences(saved.get("settings", {}), run["settings"])
+        if changed:
+            raise HybridSparseError(
+                f"resuming {output} with other settings than the run was started with ({'; '.join(changed[:4])}); "
+                "resume with the same settings, or start a new run in a new folder."
             )
     else:
-        _write_json_atomic(run_file, {"schedule": fingerprint, "model": model_id})
-    done = 0
-    while (output / f"iteration-{done + 1:03d}" / PROGRESS_FILE).exists():
-        done += 1
+        if any(output.glob("iteration-*")):
+            raise HybridSparseError(
+                f"{output} holds iteration folders but no {RUN_FILE}: it cannot be told which run they belong to. "
+                "Use a new output folder."
+            )
+        _write_json_atomic(run_file, run)
+    for it in schedule[:done]:
+        progress = json.loads((_iteration_dir(output, it) / PROGRESS_FILE).read_text())
+        if progress.get("run") != _run_digest(run):
+            raise HybridSparseError(
+                f"{_iteration_dir(output, it)} was made by another run than {RUN_FILE} describes; use a new folder."
+            )
     return done
+
+
+def _run_digest(run: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _tier_ratios(report) -> list[float]:
@@ -171,10 +243,11 @@ def run_progressive(
     output = Path(output_dir)
     fingerprint = schedule_fingerprint(schedule)
     model_id = model_id or str(getattr(model, "name_or_path", "") or type(model).__name__)
-    done = _check_run_folder(output, fingerprint, model_id, resume)
+    run = {"schedule": fingerprint, "model": model_id, "settings": pinned_settings(settings)}
+    done = _check_run_folder(output, schedule, run, resume)
     summary: list[dict[str, Any]] = []
     if done:
-        last = output / f"iteration-{done:03d}"
+        last = _iteration_dir(output, schedule[done - 1])
         dtype = next(model.parameters()).dtype
         model = AutoModelForCausalLM.from_pretrained(last, dtype=dtype)
         summary = (
@@ -218,7 +291,7 @@ def run_progressive(
                 max_windows=settings.eval_windows,
             ).perplexity
         summary.append(entry)
-        progress = {"schedule": fingerprint, "model": model_id, **entry}
+        progress = {"schedule": fingerprint, "model": model_id, "run": _run_digest(run), **entry}
         save_pruned(
             model,
             _iteration_dir(output, it),
