@@ -95,3 +95,17 @@ def test_push_to_hub_up_to_the_upload_call(saved, monkeypatch):
     assert ModelCard(seen["card"]).data.tags[0] == "hf-hybrid-sparse"
     masks = seen["reloaded"].model.layers[0].mlp.up_proj.hf_hybrid_sparse["weight"].mask
     assert torch.equal(masks, model.model.layers[0].mlp.up_proj.hf_hybrid_sparse["weight"].mask)
+
+
+def test_model_card_says_which_layout_needs_the_package(saved, tmp_path):
+    from hf_hybrid_sparse import save_pretrained
+
+    folder, model, _ = saved
+    plain = render_model_card(folder, "someone/tiny-hybrid")
+    assert "loads with plain `transformers`" in plain and "needs `hf-hybrid-sparse` to load" not in plain
+    save_pretrained(model, tmp_path / "c", compressed=True)
+    compressed = render_model_card(tmp_path / "c", "someone/tiny-hybrid")
+    assert (
+        "needs `hf-hybrid-sparse` to load" in compressed
+        and "loads with plain `transformers`" not in compressed
+    )

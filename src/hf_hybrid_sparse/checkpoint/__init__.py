@@ -4,7 +4,7 @@ from .format import FORMAT_VERSION
 from .hub import push_to_hub, render_model_card
 from .quantizer import HybridSparseHfQuantizer, attach
 from .reader import read_sparsity_summary
-from .saving import save_pretrained, save_pruned
+from .saving import recover, save_pretrained, save_pruned
 
 __all__ = [
     "FORMAT_VERSION",
@@ -13,6 +13,7 @@ __all__ = [
     "push_to_hub",
     "render_model_card",
     "read_sparsity_summary",
+    "recover",
     "save_pretrained",
     "save_pruned",
 ]

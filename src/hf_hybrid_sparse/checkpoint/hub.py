@@ -82,6 +82,7 @@ def render_model_card(
         recipe=recipe,
         recipe_rows=[(k, v) for k, v in recipe.items() if k != "quant_method"],
         overall_sparsity=summary["overall_sparsity"],
+        compressed=summary["compressed"],
         tier_totals=summary["tier_totals"],
         metrics=metrics or {},
         layers=summary["layers"],

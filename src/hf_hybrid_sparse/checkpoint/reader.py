@@ -317,5 +317,6 @@ def read_sparsity_summary(directory: str | os.PathLike) -> dict[str, Any]:
         "layers": layers,
         "tier_totals": totals,
         "overall_sparsity": 1 - kept / numel if numel else 0.0,
+        "compressed": any(e["values"] is not None for e in doc["modules"].values()),
         "tier_maps": {name: e["tier_map"] for name, e in doc["modules"].items() if e["tier_map"] is not None},
     }
