@@ -172,7 +172,7 @@ def test_triton_decode_on_gpu_real_shapes(shape, tokens):
 def test_use_kernels_loading_attribute(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hf_hybrid_sparse import StorageError
+    from hf_hybrid_sparse import sparsity_masks, tier_maps
 
     model = tiny_model("llama")
     apply_hybrid_sparsity(model, HybridSparseConfig(nsamples=4, seqlen=32), random_tokens(4, 32))
@@ -186,10 +186,14 @@ def test_use_kernels_loading_attribute(tmp_path):
     assert isinstance(fast.model.layers[1].mlp.down_proj, HybridSparseLinear)
     with torch.no_grad():
         assert torch.allclose(fast(input_ids=probe).logits, ref, atol=1e-5)
-    with pytest.raises(StorageError, match="convert_to_dense"):
-        fast.save_pretrained(tmp_path / "again")
-    assert not (tmp_path / "again").exists()
-    convert_to_dense(fast)
+    # a converted model saves in the normal layout: it reloads as plain layers with the same state
     fast.save_pretrained(tmp_path / "again")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    assert isinstance(plain.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert isinstance(again.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    for k, v in sparsity_masks(model).items():
+        assert torch.equal(sparsity_masks(again)[k], v), k
+    for k, v in tier_maps(model).items():
+        assert torch.equal(tier_maps(again)[k], v), k
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    convert_to_dense(fast)
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -39,7 +39,7 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     pad = (-c.shape[-1]) % 4
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
-    q = c.reshape(*c.shape[:-1], -1, 4)
+    q = c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4)  # explicit sizes: the tensor may be empty
     return q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
 
 

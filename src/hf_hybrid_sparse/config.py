@@ -15,6 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import ConfigError
 
 QUANT_METHOD = "hybrid_sparse"
+LOADING_ATTRIBUTES = ("use_kernels",)
 METHODS = ("magnitude", "wanda", "sparsegpt")
 GROUPS = ("row", "layer")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -262,8 +263,14 @@ class HybridSparseConfig(QuantizationConfigMixin):
         return parse_nm(self.pattern)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples as lists) that :meth:`from_dict` turns back into an equal config."""
-        out = copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self)})
+        """JSON-friendly dict (tuples as lists) that :meth:`from_dict` turns back into an equal config.
+
+        Loading attributes (``use_kernels``) are left out: they describe how one ``from_pretrained`` call
+        loads the model, not the model, so a saved checkpoint does not carry them.
+        """
+        out = copy.deepcopy(
+            {f.name: getattr(self, f.name) for f in fields(self) if f.name not in LOADING_ATTRIBUTES}
+        )
         out["tier_ratios"] = list(out["tier_ratios"])
         return out
 

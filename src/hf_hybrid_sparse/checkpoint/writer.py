@@ -22,10 +22,6 @@ def sparse_state_dict(
 
     Refuses (before anything is written) a model whose pruned weights are not all zero.
     """
-    if any(isinstance(m, HybridSparseLinear) for m in model.modules()):
-        raise StorageError(
-            "The model holds packed HybridSparseLinear layers; call convert_to_dense(model) before saving."
-        )
     revived = revived_weights(model)
     if revived:
         listed = ", ".join(f"{k} ({v})" for k, v in list(revived.items())[:3])
@@ -36,18 +32,26 @@ def sparse_state_dict(
             "(then evaluate the model again), or prune again."
         )
     state_dict = model.state_dict()
+    entries = [(f"{n}.{p}" if n else p, s) for n, _, p, s in iter_sparse_params(model)]
+    # packed layers are written in the normal layout: their dense weight, mask and tier map, derived
+    for name, module in model.named_modules():
+        if isinstance(module, HybridSparseLinear):
+            prefix = f"{name}." if name else ""
+            for buffer, _ in module.named_buffers(recurse=False):
+                state_dict.pop(prefix + buffer, None)
+            weight, state = module.param_state()
+            state_dict[prefix + "weight"] = weight
+            entries.append((prefix + "weight", state))
     modules = {}
-    if compressed and any(getattr(m, p).dim() == 3 for _, m, p, _ in iter_sparse_params(model)):
+    if compressed and any(s.mask.dim() == 3 for _, s in entries):
         raise StorageError(
             "compressed=True does not support fused MoE expert weights yet (transformers re-splits them per "
             "expert on save); save this model with the plain layout."
         )
-    for index, (name, module, pname, state) in enumerate(iter_sparse_params(model)):
-        key = f"{name}.{pname}" if name else pname
+    for index, (key, state) in enumerate(entries):
         mask_key = f"{MASK_PREFIX}{index:05d}"
-        param = getattr(module, pname)
         modules[key] = {
-            "shape": list(param.shape),
+            "shape": list(state.mask.shape),
             "transposed": state.transposed,
             "pattern": state.pattern,
             "method": state.method,
@@ -62,7 +66,7 @@ def sparse_state_dict(
         }
         if compressed and state.tier_map is not None:
             # DENSE blocks are all kept: their mask bits carry nothing, store only the others
-            informative = non_dense(state.tier_map, state.block_size, state.transposed, param.shape)
+            informative = non_dense(state.tier_map, state.block_size, state.transposed, state.mask.shape)
             state_dict[mask_key] = pack_bits(state.mask.cpu()[informative])
             modules[key]["mask_scope"] = "nondense"
         else:

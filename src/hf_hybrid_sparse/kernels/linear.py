@@ -1,18 +1,24 @@
-"""`HybridSparseLinear`: a drop-in ``nn.Linear`` holding the packed hybrid weight; model conversion.
+"""`HybridSparseLinear`: a drop-in ``nn.Linear`` holding only the packed hybrid weight; model conversion.
 
-Forward paths:
+The module keeps the packed tensors of :mod:`.packing` as buffers and nothing else: no dense copy, no
+mask (both are derived when asked: :meth:`HybridSparseLinear.dense_weight`, :meth:`~HybridSparseLinear.mask`,
+:meth:`~HybridSparseLinear.tier_map`). Forward paths:
 
-* ``reference`` -- pure PyTorch, any device: unpack to the dense masked weight, ``F.linear``.
-  Exact against the dense masked product (it is the same product).
-* ``triton`` -- on CUDA for 1-16 tokens: the decode kernel of :mod:`.triton_decode` reads
-  the packed bytes directly. More tokens (prefill) use the dense GEMM on the unpacked weight
-  (cached when ``cache_dense=True``, otherwise unpacked per call).
+* ``cpu`` -- the C++ kernel of :mod:`.cpu` (built on first use): 1-16 tokens read each packed byte once,
+  more tokens (prefill) feed cache-sized unpacked panels to the BLAS. fp32, bf16 and fp16.
+* ``triton`` -- on CUDA, 1-16 tokens: the decode kernel of :mod:`.triton_decode`; more tokens unpack the
+  weight for the call and run the dense GEMM.
+* ``reference`` -- pure PyTorch, any device: unpack to the dense masked weight, ``F.linear``. Exact against
+  the dense masked product (it is the same product); also the path whenever gradients are needed.
 
-``path="auto"`` picks ``triton`` on CUDA for fp16/bf16/fp32 when Triton is installed, else
-``reference`` (with a one-time warning when CUDA was available but the kernel could not be used).
+``path="auto"`` picks ``cpu`` on CPU and ``triton`` on CUDA when they can run (else ``reference``, with one
+warning). The environment variable ``HF_HYBRID_SPARSE_KERNEL=reference`` (or ``cpu``) overrides ``auto``.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,36 +26,50 @@ from transformers.utils import logging as hf_logging
 
 from ..config import parse_nm
 from ..errors import HybridSparseError, PackingError
-from ..state import ParamSparsity, get_state, set_param_state
-from .packing import FIELDS, PACK_FORMAT_VERSION, PackedHybrid, pack, unpack
-from .triton_decode import decode, triton_available
+from ..pruning.patterns import DENSE, NM, TOPK
+from ..state import ParamSparsity, clear_state, get_state, set_param_state
+from . import cpu
+from .packing import BLOCK, FIELDS, PACK_FORMAT_VERSION, PackedHybrid, canonical_nm, pack, unpack
+from .triton_decode import MAX_DECODE_TOKENS, decode, triton_available
 
 logger = hf_logging.get_logger(__name__)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PATHS = ("auto", "reference", "cpu", "triton")
+
+
+def _padding_slots(keep: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the value slots that hold padding (a position the mask prunes), as int64."""
+    return (~keep).reshape(-1).nonzero().reshape(-1)
 
 
 class HybridSparseLinear(nn.Module):
-    """Linear layer whose weight is stored in the packed hybrid format (buffers, saved in ``state_dict``)."""
+    """Linear layer stored in the packed hybrid format (buffers, saved in ``state_dict``); inference only.
+
+    ``nm_pad`` / ``topk_pad`` list the value slots that are padding (groups or blocks with fewer kept
+    weights than N or K, after re-pruning): with them the exact keep-mask can be derived.
+    """
 
     def __init__(
         self,
         packed: PackedHybrid,
         bias: torch.Tensor | None = None,
         path: str = "auto",
-        cache_dense: bool = False,
+        nm_pad: torch.Tensor | None = None,
+        topk_pad: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if path not in ("auto", "reference", "triton"):
-            raise HybridSparseError(f"path={path!r}; choose auto, reference or triton.")
+        if path not in PATHS:
+            raise HybridSparseError(f"path={path!r}; choose one of {', '.join(PATHS)}.")
         self.in_features = packed.in_features
         self.out_features = packed.out_features
         self.topk = packed.topk
         self.path = path
-        self.cache_dense = cache_dense
-        self._dense: torch.Tensor | None = None
         self._warned = False
-        for name in FIELDS:
-            self.register_buffer(name, packed.tensors[name])
+        self._origin: tuple[type, dict] = (nn.Linear, {})  # layer class and recipe bits, to convert back
+        for name, t in canonical_nm(packed.tensors).items():
+            self.register_buffer(name, t)
+        self.register_buffer("nm_pad", torch.zeros(0, dtype=torch.long) if nm_pad is None else nm_pad)
+        self.register_buffer("topk_pad", torch.zeros(0, dtype=torch.long) if topk_pad is None else topk_pad)
         self.register_buffer("pack_format_version", torch.tensor(PACK_FORMAT_VERSION, dtype=torch.int32))
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
@@ -64,21 +84,24 @@ class HybridSparseLinear(nn.Module):
             raise HybridSparseError(
                 f"{type(linear).__name__} has no hybrid tier map: prune it with pattern='hybrid' before converting."
             )
-        if state.block_size != 16:
+        if state.block_size != BLOCK:
             raise PackingError(
                 f"the packed kernels use 16x16 blocks, this layer was pruned with {state.block_size}."
             )
         weight = linear.weight.detach()
         logical = weight.t() if state.transposed else weight
-        packed = pack(
-            logical,
-            state.logical_mask().to(weight.device),
-            state.tier_map,
-            state.topk_per_block,
-            parse_nm(state.nm),
+        mask = state.logical_mask().to(weight.device)
+        packed = pack(logical, mask, state.tier_map, state.topk_per_block, parse_nm(state.nm))
+        pads = {k: _padding_slots(v) for k, v in packed.kept.items()}
+        module = cls(
+            packed,
+            getattr(linear, "bias", None),
+            nm_pad=pads["nm_vals"],
+            topk_pad=pads["topk_vals"],
+            **kwargs,
         )
-        module = cls(packed, getattr(linear, "bias", None), **kwargs)
-        module._origin = (type(linear), state)  # to convert back
+        recipe = {k: getattr(state, k) for k in ("pattern", "method", "nm", "topk_per_block", "transposed")}
+        module._origin = (type(linear), recipe)
         return module.to(weight.device)
 
     @property
@@ -87,41 +110,102 @@ class HybridSparseLinear(nn.Module):
             self.out_features, self.in_features, self.topk, {n: getattr(self, n) for n in FIELDS}
         )
 
+    def nbytes(self) -> int:
+        """Bytes of every tensor the layer holds (packed weight, padding lists, bias)."""
+        return sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+
+    # -- derived views ----------------------------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
-        """The dense logical weight ``[out, in]`` (cached when ``cache_dense``)."""
-        if self._dense is not None:
-            return self._dense
-        w = unpack(self.packed)
-        if self.cache_dense:
-            self._dense = w
-        return w
+        """The dense logical weight ``[out, in]`` (unpacked for this call; nothing is cached)."""
+        tensors = [getattr(self, n) for n in FIELDS]
+        if (
+            self.dense_vals.device.type == "cpu"
+            and self.dense_vals.dtype in KERNEL_DTYPES
+            and cpu.available()
+        ):
+            return cpu.unpack(tensors, self.out_features, self.in_features, self.topk)
+        return unpack(self.packed)
+
+    def tier_map(self) -> torch.Tensor:
+        """The int8 tier map ``[out/16, in/16]`` the packed tensors encode."""
+        rows, cols = self.out_features // BLOCK, self.in_features // BLOCK
+        tiers = torch.empty(rows, cols, dtype=torch.int8)
+        for code, prefix in ((DENSE, "dense"), (NM, "nm"), (TOPK, "topk")):
+            ptr = getattr(self, f"{prefix}_row_ptr").cpu().long()
+            r = torch.repeat_interleave(torch.arange(rows), ptr[1:] - ptr[:-1])
+            tiers[r, getattr(self, f"{prefix}_cols").cpu().long()] = code
+        return tiers
+
+    def mask(self) -> torch.Tensor:
+        """The exact logical keep-mask ``[out, in]`` (bool): packed positions minus the padding slots."""
+        ones = {
+            k: torch.ones_like(getattr(self, k), dtype=self.dense_vals.dtype)
+            for k in ("nm_vals", "topk_vals")
+        }
+        flat = {k: v.reshape(-1) for k, v in ones.items()}
+        flat["nm_vals"][self.nm_pad] = 0
+        flat["topk_vals"][self.topk_pad] = 0
+        marker = {n: getattr(self, n) for n in FIELDS} | ones
+        marker["dense_vals"] = torch.ones_like(self.dense_vals)
+        return unpack(PackedHybrid(self.out_features, self.in_features, self.topk, marker)) != 0
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, topk={self.topk}, path={self.path}"
 
     # -- forward --------------------------------------------------------------------------------
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.path == "reference":
-            return False
-        ok = x.is_cuda and x.dtype in KERNEL_DTYPES and triton_available()
-        if not ok and self.path == "triton":
+    def _choose(self, x: torch.Tensor) -> str:
+        """The path that runs this call (see the module docstring)."""
+        wants = self.path
+        if wants == "auto":
+            wants = os.environ.get(cpu.ENV, "auto")
+            if wants not in PATHS:
+                raise HybridSparseError(f"{cpu.ENV}={wants!r}; choose auto, reference or cpu.")
+        if wants == "reference" or (torch.is_grad_enabled() and x.requires_grad):
+            return "reference"
+        dtype_ok = self.dense_vals.dtype in KERNEL_DTYPES
+        if x.is_cuda:
+            ok = dtype_ok and triton_available() and wants in ("auto", "triton")
+            if wants == "triton" and not ok:
+                raise HybridSparseError(
+                    f"the Triton path needs CUDA, Triton and a dtype in {KERNEL_DTYPES}; use path='reference'."
+                )
+            if not ok and not self._warned:
+                logger.warning(
+                    f"HybridSparseLinear: no GPU kernel for {self.dense_vals.dtype}; using the reference path."
+                )
+                self._warned = True
+            return "triton" if ok else "reference"
+        if wants == "triton":
             raise HybridSparseError(
-                f"the Triton path needs CUDA, Triton and a dtype in {KERNEL_DTYPES} (got device {x.device}, "
-                f"dtype {x.dtype}); use path='reference'."
+                "the Triton path needs CUDA: this input is on the CPU; use path='cpu' or 'reference'."
             )
-        if not ok and x.is_cuda and not self._warned:
-            logger.warning(f"HybridSparseLinear: dtype {x.dtype} has no kernel; using the reference path.")
+        ok = dtype_ok and cpu.available()
+        if not dtype_ok and not self._warned:
+            logger.warning(
+                f"HybridSparseLinear: no CPU kernel for {self.dense_vals.dtype}; using the reference path."
+            )
             self._warned = True
-        return ok
+        if wants == "cpu" and not ok:
+            raise HybridSparseError(
+                f"the CPU kernel is not available (no compiler, or dtype {self.dense_vals.dtype} not in {KERNEL_DTYPES}); "
+                "use path='reference'."
+            )
+        return "cpu" if ok else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if self._use_triton(x) and flat.shape[0] <= 16:
-            y = decode(flat, self.packed, self.bias)
-            return y.reshape(*lead, self.out_features)
-        w = self.dense_weight().to(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        path = self._choose(x)
+        wdtype = self.dense_vals.dtype
+        bias = None if self.bias is None else self.bias.to(wdtype)
+        if path == "cpu":
+            tensors = [getattr(self, n) for n in FIELDS]
+            y = cpu.linear(flat.to(wdtype).contiguous(), tensors, bias, self.out_features, self.topk)
+        elif path == "triton" and flat.shape[0] <= MAX_DECODE_TOKENS:
+            y = decode(flat.to(wdtype), self.packed, bias)
+        else:
+            y = nn.functional.linear(flat.to(wdtype), self.dense_weight(), bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -132,13 +216,32 @@ class HybridSparseLinear(nn.Module):
                 f"{prefix[:-1] or 'module'}: packed state dict has format version {int(state_dict[key])}, "
                 f"this version reads {PACK_FORMAT_VERSION}; re-pack from the dense checkpoint."
             )
-        for name in FIELDS:  # packed sizes depend on the tier counts: adopt the incoming shapes
+        for name in (*FIELDS, "nm_pad", "topk_pad"):  # packed sizes depend on the tier counts: adopt them
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        self._dense = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        canonical = canonical_nm({"nm_vals": self.nm_vals, "nm_idx": self.nm_idx})
+        self.nm_vals, self.nm_idx = canonical["nm_vals"], canonical["nm_idx"]
+
+    # -- back to a plain layer --------------------------------------------------------------------
+    def param_state(self) -> tuple[torch.Tensor, ParamSparsity]:
+        """The weight in the original layer's layout and its :class:`ParamSparsity` (mask and tier map derived)."""
+        recipe = self._origin[1]
+        transposed = recipe.get("transposed", False)
+        weight, mask = self.dense_weight(), self.mask().to(self.dense_vals.device)
+        state = ParamSparsity(
+            mask=(mask.t() if transposed else mask).contiguous(),
+            tier_map=self.tier_map(),
+            pattern=recipe.get("pattern", "hybrid"),
+            method=recipe.get("method", "unknown"),
+            block_size=BLOCK,
+            nm=recipe.get("nm", "2:4"),
+            topk_per_block=self.topk,
+            transposed=transposed,
+        )
+        return (weight.t() if transposed else weight).contiguous(), state
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -147,26 +250,59 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def convert_to_hybrid_kernels(model: nn.Module, path: str = "auto", cache_dense: bool = True) -> list[str]:
+@dataclass
+class ConversionReport:
+    """What :func:`convert_to_hybrid_kernels` did: the converted layers and their bytes before and after."""
+
+    names: list[str]
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __eq__(self, other) -> bool:
+        return (
+            list(self.names) == list(other) if isinstance(other, (list, ConversionReport)) else NotImplemented
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.names)} layers packed: {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({self.ratio:.3f}x)"
+        )
+
+
+def convert_to_hybrid_kernels(model: nn.Module, path: str = "auto") -> ConversionReport:
     """Replace every hybrid-pruned linear layer of ``model`` by a :class:`HybridSparseLinear`.
 
-    Layers pruned with other patterns, and fused MoE experts, stay as they are. With ``cache_dense``
-    (default) the prefill path keeps an unpacked copy of each weight after its first use -- dense speed,
-    but dense memory on top of the packed bytes; ``cache_dense=False`` unpacks on every prefill call.
-    Returns the names of the converted layers.
+    Layers pruned with other patterns, and fused MoE experts, stay as they are. The dense weight and the
+    mask of each converted layer are dropped (the packed tensors are all it keeps). Returns the names and
+    the bytes of the converted layers before and after (also logged).
     """
-    converted = []
+    names, before, after = [], 0, 0
     for name, module in list(model.named_modules()):
         state = get_state(module).get("weight")
         if state is None or state.tier_map is None or getattr(module, "weight", None) is None:
             continue
         if module.weight.dim() != 2:
             continue
-        _replace(
-            model, name, HybridSparseLinear.from_linear(module, state, path=path, cache_dense=cache_dense)
-        )
-        converted.append(name)
-    return converted
+        new = HybridSparseLinear.from_linear(module, state, path=path)
+        before += sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+        after += new.nbytes()
+        clear_state(module)
+        _replace(model, name, new)
+        names.append(name)
+    report = ConversionReport(names, before, after)
+    logger.info(f"convert_to_hybrid_kernels: {report}")
+    return report
 
 
 def convert_to_dense(model: nn.Module) -> list[str]:
@@ -175,21 +311,20 @@ def convert_to_dense(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if not isinstance(module, HybridSparseLinear):
             continue
-        cls, state = getattr(module, "_origin", (nn.Linear, None))
-        weight = module.dense_weight()
-        if state is not None and state.transposed:
+        cls = module._origin[0]
+        weight, state = module.param_state()
+        if state.transposed:
             new = cls(module.out_features, module.in_features)  # Conv1D(nf=out, nx=in)
-            new.weight.data = weight.t().contiguous()
         else:
-            new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            new.weight.data = weight.contiguous()
-        if module.bias is not None:
-            new.bias.data = module.bias.detach().clone()
-        else:
+            new = cls(module.in_features, module.out_features, bias=module.bias is not None)
+        new = new.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        if module.bias is None and getattr(new, "bias", None) is not None:
             new.bias = None
-        new = new.to(weight.device)
-        if state is not None:
-            set_param_state(new, "weight", state)
+        set_param_state(new, "weight", state)
         _replace(model, name, new)
         restored.append(name)
     return restored

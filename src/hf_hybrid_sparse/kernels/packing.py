@@ -5,7 +5,8 @@ For a logical weight ``[out, in]`` with a tier map ``[out/16, in/16]`` (block si
 * DENSE blocks: ``dense_vals [nD, 16, 16]`` -- the block as is (512 B in fp16);
 * NM blocks: ``nm_vals [nN, 16, 8]`` -- the 2 kept values of each group of 4, in group order, and
   ``nm_idx [nN, 16, 2]`` uint8 -- their positions in the group, 2 bits each, 4 per byte, least
-  significant first (256 + 32 = 288 B);
+  significant first (256 + 32 = 288 B); within a group the two positions are ascending (canonical
+  order, which the CPU kernel relies on; :func:`canonical_nm` restores it for tensors from elsewhere);
 * TOPK blocks: ``topk_vals [nT, K]`` and ``topk_pos [nT, K]`` uint8 -- the in-block position
   ``row * 16 + col`` (2K + K = 45 B for K = 15);
 * for each tier a CSR over block-rows: ``<tier>_row_ptr [R + 1]`` int32 and ``<tier>_cols [n]`` int32,
@@ -44,6 +45,8 @@ class PackedHybrid:
     tensors: dict[str, torch.Tensor]
     n: int = 2
     m: int = 4
+    # for each value slot of nm_vals / topk_vals: whether it holds a kept weight (False: padding); set by pack
+    kept: dict[str, torch.Tensor] | None = None
 
     def nbytes(self) -> int:
         """Bytes of all packed tensors (values, indices and block-column lists)."""
@@ -96,9 +99,12 @@ def pack(
     keep = mb[sel[:, 0], sel[:, 1]].reshape(-1, BLOCK, BLOCK // m, m)
     if (keep.sum(-1) > n).any():
         raise PackingError(f"an NM block keeps more than {n} of {m} weights.")
-    # kept positions first (stable), then pruned ones as zero-valued padding
+    # kept positions first (stable), then pruned ones as zero-valued padding; then each group's positions
+    # in ascending order (the canonical order: a kernel can expand a row's values in one instruction)
     pos = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :n]
+    pos = torch.sort(pos, dim=-1).values
     nm_vals = torch.gather(vals, -1, pos).reshape(-1, BLOCK, BLOCK // m * n)
+    kept = {"nm_vals": torch.gather(keep, -1, pos).reshape(nm_vals.shape)}
     tensors["nm_vals"] = nm_vals.contiguous()
     tensors["nm_idx"] = pack_2bit(pos.reshape(-1, BLOCK, BLOCK // m * n)).contiguous()
     tensors["nm_row_ptr"], tensors["nm_cols"] = _csr(sel[:, 0], sel[:, 1], R)
@@ -111,8 +117,23 @@ def pack(
     tpos = torch.sort((~flat_m).to(torch.int8), dim=-1, stable=True).indices[:, :topk]
     tensors["topk_vals"] = torch.gather(flat_v, 1, tpos).contiguous()
     tensors["topk_pos"] = tpos.to(torch.uint8).contiguous()
+    kept["topk_vals"] = torch.gather(flat_m, 1, tpos)
     tensors["topk_row_ptr"], tensors["topk_cols"] = _csr(sel[:, 0], sel[:, 1], R)
-    return PackedHybrid(out_f, in_f, topk, tensors, n, m)
+    return PackedHybrid(out_f, in_f, topk, tensors, n, m, kept)
+
+
+def canonical_nm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The NM tensors with each group's two positions ascending (values moved along); others unchanged."""
+    idx = unpack_2bit(tensors["nm_idx"], BLOCK // 4 * 2).long()  # [nN, 16, 8]
+    pairs = idx.reshape(*idx.shape[:-1], -1, 2)
+    if bool((pairs[..., 0] < pairs[..., 1]).all()):
+        return tensors
+    order = torch.sort(pairs, dim=-1).indices
+    vals = tensors["nm_vals"].reshape(pairs.shape)
+    out = dict(tensors)
+    out["nm_vals"] = torch.gather(vals, -1, order).reshape(tensors["nm_vals"].shape).contiguous()
+    out["nm_idx"] = pack_2bit(torch.gather(pairs, -1, order).reshape(idx.shape)).contiguous()
+    return out
 
 
 def unpack(packed: PackedHybrid) -> torch.Tensor:

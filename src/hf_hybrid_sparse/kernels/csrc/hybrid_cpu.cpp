@@ -1,0 +1,818 @@
+// CPU kernels for the packed hybrid format (see src/hf_hybrid_sparse/kernels/packing.py).
+//
+// One op, hf_hybrid_sparse::hybrid_linear(x [N, in], packed tensors..., bias?) -> y [N, out]:
+//   * 1 token: "row-vectorised" -- the 16 inputs of a block column sit in one register; DENSE blocks
+//     accumulate each of their 16 rows, NM blocks gather their kept inputs with a permute driven by the
+//     2-bit positions (two rows per register), TOPK blocks add their K products by position.
+//   * 2..16 tokens: "token-vectorised" -- the tokens sit in the lanes (x transposed once per call), every
+//     kept weight is broadcast and multiplied with the tokens of its input column.
+//   * more tokens (prefill): panels of block-rows are unpacked into a small dense buffer that feeds the BLAS
+//     GEMM (at::mm); the buffer stays in cache, so the weight is read once from memory.
+// Each packed byte is read once; accumulation is in fp32 for every dtype (fp32, bf16, fp16 weights and
+// activations of the same dtype). Decode work is split over threads by bytes, not by block-rows.
+// Compiled with -march=native: AVX-512 where the CPU has it, portable loops otherwise.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define HS_AVX512 1
+#else
+#define HS_AVX512 0
+#endif
+
+namespace {
+
+constexpr int BS = 16;          // block side
+constexpr int NM_VALS = 8;      // kept values per NM block row (2 of every 4 of 16)
+constexpr int NM_IDX_BYTES = 2; // 8 two-bit positions per NM block row
+
+// -- element types ---------------------------------------------------------------------------------
+template <typename T> inline float to_f(T v);
+template <> inline float to_f<float>(float v) { return v; }
+template <> inline float to_f<c10::BFloat16>(c10::BFloat16 v) { return static_cast<float>(v); }
+template <> inline float to_f<c10::Half>(c10::Half v) { return static_cast<float>(v); }
+
+#if HS_AVX512
+// 16 consecutive elements as fp32 lanes
+template <typename T> inline __m512 load16(const T* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+struct Packed {
+  const void* dense_vals;
+  const int32_t* dense_ptr;
+  const int32_t* dense_cols;
+  const void* nm_vals;
+  const uint8_t* nm_idx;
+  const int32_t* nm_ptr;
+  const int32_t* nm_cols;
+  const void* topk_vals;
+  const uint8_t* topk_pos;
+  const int32_t* topk_ptr;
+  const int32_t* topk_cols;
+  int64_t out, in, topk;
+};
+
+// Byte-balanced split of the block-rows into `parts` contiguous ranges.
+std::vector<int64_t> split_rows(const Packed& p, int64_t elem, int parts) {
+  const int64_t R = p.out / BS;
+  std::vector<double> prefix(R + 1, 0.0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t nd = p.dense_ptr[r + 1] - p.dense_ptr[r];
+    const int64_t nn = p.nm_ptr[r + 1] - p.nm_ptr[r];
+    const int64_t nt = p.topk_ptr[r + 1] - p.topk_ptr[r];
+    prefix[r + 1] = prefix[r] + nd * (256 * elem + 4) + nn * (128 * elem + 36) + nt * (p.topk * (elem + 1) + 4) + 64;
+  }
+  std::vector<int64_t> bounds(parts + 1, R);
+  bounds[0] = 0;
+  int64_t r = 0;
+  for (int k = 1; k < parts; ++k) {
+    const double goal = prefix[R] * k / parts;
+    while (r < R && prefix[r] < goal) ++r;
+    bounds[k] = r;
+  }
+  return bounds;
+}
+
+template <typename F>
+void parallel_rows(const Packed& p, int64_t elem, F&& body) {
+  const int threads = std::max(1, at::get_num_threads());
+  const int parts = static_cast<int>(std::min<int64_t>(threads, p.out / BS));
+  if (parts <= 1) {
+    body(0, p.out / BS);
+    return;
+  }
+  const auto bounds = split_rows(p, elem, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) body(bounds[k], bounds[k + 1]);
+  });
+}
+
+// -- 1 token ----------------------------------------------------------------------------------------
+template <typename T>
+void decode_one(const Packed& p, const float* x, float* y) {
+  const T* dv = static_cast<const T*>(p.dense_vals);
+  const T* nv = static_cast<const T*>(p.nm_vals);
+  const T* tv = static_cast<const T*>(p.topk_vals);
+  const int64_t K = p.topk;
+  parallel_rows(p, sizeof(T), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float out[BS];
+#if HS_AVX512
+      {  // DENSE: one accumulator per row, lanes = the 16 inputs of a block column
+        __m512 acc[BS];
+        for (int i = 0; i < BS; ++i) acc[i] = _mm512_setzero_ps();
+        for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+          const __m512 xv = _mm512_loadu_ps(x + int64_t(p.dense_cols[b]) * BS);
+          const T* w = dv + int64_t(b) * 256;
+#pragma GCC unroll 16
+          for (int i = 0; i < BS; ++i) acc[i] = _mm512_fmadd_ps(load16(w + i * BS), xv, acc[i]);
+        }
+        for (int i = 0; i < BS; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+      }
+      {  // NM: two rows per register; lane k = row (k / 8), kept value k % 8 at column 4 * (k % 8 / 2) + code
+        const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+        const __m512i three = _mm512_set1_epi32(3);
+        __m512 acc[BS / 2];
+        for (int i = 0; i < BS / 2; ++i) acc[i] = _mm512_setzero_ps();
+        for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+          const __m512 xv = _mm512_loadu_ps(x + int64_t(p.nm_cols[b]) * BS);
+          const T* v = nv + int64_t(b) * (BS * NM_VALS);
+          const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
+#pragma GCC unroll 8
+          for (int q = 0; q < BS / 2; ++q) {
+            uint32_t u;
+            std::memcpy(&u, id + q * 4, 4);
+            const __m512i code = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(u)), shifts), three);
+            const __m512 xg = _mm512_permutexvar_ps(_mm512_add_epi32(code, base), xv);
+            acc[q] = _mm512_fmadd_ps(load16(v + q * 16), xg, acc[q]);
+          }
+        }
+        for (int q = 0; q < BS / 2; ++q) {
+          out[2 * q] += hsum256(_mm512_castps512_ps256(acc[q]));
+          out[2 * q + 1] += hsum256(_mm512_extractf32x8_ps(acc[q], 1));
+        }
+      }
+#else
+      for (int i = 0; i < BS; ++i) out[i] = 0.f;
+      for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+        const float* xc = x + int64_t(p.dense_cols[b]) * BS;
+        const T* w = dv + int64_t(b) * 256;
+        for (int i = 0; i < BS; ++i) {
+          float s = 0.f;
+          for (int j = 0; j < BS; ++j) s += to_f(w[i * BS + j]) * xc[j];
+          out[i] += s;
+        }
+      }
+      for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+        const float* xc = x + int64_t(p.nm_cols[b]) * BS;
+        const T* v = nv + int64_t(b) * (BS * NM_VALS);
+        const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
+        for (int i = 0; i < BS; ++i) {
+          float s = 0.f;
+          for (int k = 0; k < NM_VALS; ++k) {
+            const int code = (id[i * 2 + k / 4] >> (2 * (k % 4))) & 3;
+            s += to_f(v[i * NM_VALS + k]) * xc[(k / 2) * 4 + code];
+          }
+          out[i] += s;
+        }
+      }
+#endif
+      if (K > 0) {  // TOPK: K products added to their rows; 4 partial sums break the dependency chains
+        float part[4][BS] = {};
+        for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b) {
+          const float* xc = x + int64_t(p.topk_cols[b]) * BS;
+          const T* v = tv + int64_t(b) * K;
+          const uint8_t* pos = p.topk_pos + int64_t(b) * K;
+          for (int64_t e = 0; e < K; ++e) part[e & 3][pos[e] >> 4] += to_f(v[e]) * xc[pos[e] & 15];
+        }
+        for (int i = 0; i < BS; ++i) out[i] += (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
+      }
+      std::memcpy(y + r * BS, out, sizeof(out));
+    }
+  });
+}
+
+// -- 2..16 tokens -----------------------------------------------------------------------------------
+// One pass over each block-row; every tier uses the method measured fastest for its shape:
+//   * "rows": as for one token, registers hold (rows x tokens) tiles whose lanes are the 16 inputs of a
+//     block column; passes over the block-row's blocks cover all rows (its bytes come from memory once,
+//     later passes find them in L2). NM rows gather their inputs with a permute driven by the positions.
+//   * "tokens": the tokens sit in the lanes (x transposed once per call), every kept weight is broadcast.
+//   * bf16 uses the AVX512-BF16 pair dot product (vdpbf16ps): two adjacent weights times their two inputs.
+// Each tier adds into res[row][token] (fp32); TOPK products go through memory (their rows are data).
+#if HS_AVX512
+template <int L> struct Vec;
+template <> struct Vec<16> {
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(float w, V x, V acc) { return _mm512_fmadd_ps(_mm512_set1_ps(w), x, acc); }
+};
+template <> struct Vec<8> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(float w, V x, V acc) { return _mm256_fmadd_ps(_mm256_set1_ps(w), x, acc); }
+};
+#endif
+
+using Res = float[BS][16];  // [row][token]
+
+// TOPK: xt [in][L] fp32; res[row][token] += ...
+template <typename T, int L>
+inline void topk_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
+  const T* tv = static_cast<const T*>(p.topk_vals);
+  const int64_t K = p.topk;
+  for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b) {
+    const float* xc = xt + int64_t(p.topk_cols[b]) * BS * L;
+    const T* v = tv + int64_t(b) * K;
+    const uint8_t* pos = p.topk_pos + int64_t(b) * K;
+    for (int64_t e = 0; e < K; ++e) {
+      float* dst = res[pos[e] >> 4];
+      const float* src = xc + (pos[e] & 15) * L;
+#if HS_AVX512
+      Vec<L>::store(dst, Vec<L>::fma(to_f(v[e]), Vec<L>::load(src), Vec<L>::load(dst)));
+#else
+      for (int t = 0; t < L; ++t) dst[t] += to_f(v[e]) * src[t];
+#endif
+    }
+  }
+}
+
+#if HS_AVX512
+// DENSE, rows: x [NT][in] fp32
+template <typename T, int NT>
+inline void dense_rows(const Packed& p, int64_t r, const float* x, int64_t in, Res& res) {
+  constexpr int R = NT <= 2 ? 8 : 4;
+  const T* dv = static_cast<const T*>(p.dense_vals);
+  for (int i0 = 0; i0 < BS; i0 += R) {
+    __m512 acc[R][NT];
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+    for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+      const int64_t c = int64_t(p.dense_cols[b]) * BS;
+      const T* w = dv + int64_t(b) * 256 + i0 * BS;
+      __m512 xv[NT];
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * in + c);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const __m512 wv = load16(w + i * BS);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < NT; ++t) res[i0 + i][t] += _mm512_reduce_add_ps(acc[i][t]);
+  }
+}
+
+// DENSE, tokens: xt [in][L] fp32
+template <typename T, int L>
+inline void dense_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
+  using W = Vec<L>;
+  const T* dv = static_cast<const T*>(p.dense_vals);
+  alignas(64) float wbuf[256];
+  typename W::V acc[BS];
+  for (int i = 0; i < BS; ++i) acc[i] = W::zero();
+  for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+    const float* xc = xt + int64_t(p.dense_cols[b]) * BS * L;
+    const T* w = dv + int64_t(b) * 256;
+    const float* wf;
+    if constexpr (std::is_same_v<T, float>) {
+      wf = w;
+    } else {
+      for (int i = 0; i < BS; ++i) _mm512_store_ps(wbuf + i * BS, load16(w + i * BS));
+      wf = wbuf;
+    }
+    for (int j = 0; j < BS; ++j) {
+      const typename W::V xv = W::load(xc + j * L);
+#pragma GCC unroll 16
+      for (int i = 0; i < BS; ++i) acc[i] = W::fma(wf[i * BS + j], xv, acc[i]);
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int i = 0; i < BS; ++i) {
+    W::store(lanes, acc[i]);
+    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
+  }
+}
+
+// NM, rows: pair q holds rows 2q (lanes 0-7) and 2q+1 (lanes 8-15); x [groups*TG][in] fp32
+template <typename T, int TG>
+inline void nm_rows(const Packed& p, int64_t r, int groups, const float* x, int64_t in, Res& res) {
+  constexpr int P = TG <= 2 ? 8 : TG <= 4 ? 4 : 2;
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+  const __m512i three = _mm512_set1_epi32(3);
+  const T* nv = static_cast<const T*>(p.nm_vals);
+  for (int g = 0; g < groups; ++g) {
+    const float* xg = x + int64_t(g) * TG * in;
+    for (int q0 = 0; q0 < BS / 2; q0 += P) {
+      __m512 acc[P][TG];
+      for (int q = 0; q < P; ++q)
+        for (int t = 0; t < TG; ++t) acc[q][t] = _mm512_setzero_ps();
+      for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+        const int64_t c = int64_t(p.nm_cols[b]) * BS;
+        const T* v = nv + int64_t(b) * (BS * NM_VALS) + q0 * 16;
+        const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES) + q0 * 4;
+        __m512 xv[TG];
+#pragma GCC unroll 8
+        for (int t = 0; t < TG; ++t) xv[t] = _mm512_loadu_ps(xg + t * in + c);
+#pragma GCC unroll 8
+        for (int q = 0; q < P; ++q) {
+          uint32_t u;
+          std::memcpy(&u, id + q * 4, 4);
+          const __m512i idx = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(u)), shifts), three), base);
+          const __m512 vv = load16(v + q * 16);
+#pragma GCC unroll 8
+          for (int t = 0; t < TG; ++t) acc[q][t] = _mm512_fmadd_ps(vv, _mm512_permutexvar_ps(idx, xv[t]), acc[q][t]);
+        }
+      }
+      for (int q = 0; q < P; ++q)
+        for (int t = 0; t < TG; ++t) {
+          res[2 * (q0 + q)][g * TG + t] += hsum256(_mm512_castps512_ps256(acc[q][t]));
+          res[2 * (q0 + q) + 1][g * TG + t] += hsum256(_mm512_extractf32x8_ps(acc[q][t], 1));
+        }
+    }
+  }
+}
+
+// NM, tokens: xt [in][L] fp32
+template <typename T, int L>
+inline void nm_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
+  using W = Vec<L>;
+  const T* nv = static_cast<const T*>(p.nm_vals);
+  alignas(64) float vbuf[128];
+  typename W::V acc[BS];
+  for (int i = 0; i < BS; ++i) acc[i] = W::zero();
+  for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+    const float* xc = xt + int64_t(p.nm_cols[b]) * BS * L;
+    const T* v = nv + int64_t(b) * (BS * NM_VALS);
+    const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
+    const float* vf;
+    if constexpr (std::is_same_v<T, float>) {
+      vf = v;
+    } else {
+      for (int q = 0; q < BS / 2; ++q) _mm512_store_ps(vbuf + q * 16, load16(v + q * 16));
+      vf = vbuf;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < BS; ++i) {
+      const uint32_t u = uint32_t(id[2 * i]) | (uint32_t(id[2 * i + 1]) << 8);
+#pragma GCC unroll 8
+      for (int k = 0; k < NM_VALS; ++k)
+        acc[i] = W::fma(vf[i * NM_VALS + k], W::load(xc + ((k >> 1) * 4 + int((u >> (2 * k)) & 3)) * L), acc[i]);
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int i = 0; i < BS; ++i) {
+    W::store(lanes, acc[i]);
+    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
+  }
+}
+#endif
+
+#if HS_AVX512 && defined(__AVX512BF16__)
+#define HS_BF16DOT 1
+// DENSE bf16, tokens: xp [in/2][L][2] bf16 -- the inputs of columns (2k, 2k+1) of every token
+template <int L>
+inline void dense_tokens_bf16(const Packed& p, int64_t r, const uint16_t* xp, Res& res) {
+  using V = std::conditional_t<L == 16, __m512, __m256>;
+  const uint32_t* dv = static_cast<const uint32_t*>(p.dense_vals);  // bf16 pairs
+  V acc[BS];
+  for (int i = 0; i < BS; ++i) {
+    if constexpr (L == 16) acc[i] = _mm512_setzero_ps();
+    else acc[i] = _mm256_setzero_ps();
+  }
+  for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+    const uint16_t* xc = xp + int64_t(p.dense_cols[b]) * 8 * L * 2;
+    const uint32_t* w = dv + int64_t(b) * 128;  // [16 rows][8 pairs]
+    for (int k = 0; k < 8; ++k) {
+      if constexpr (L == 16) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xc + k * 32);
+#pragma GCC unroll 16
+        for (int i = 0; i < BS; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(w[i * 8 + k])), xv);
+      } else {
+        const __m256bh xv = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + k * 16));
+#pragma GCC unroll 16
+        for (int i = 0; i < BS; ++i) acc[i] = _mm256_dpbf16_ps(acc[i], (__m256bh)_mm256_set1_epi32(int(w[i * 8 + k])), xv);
+      }
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int i = 0; i < BS; ++i) {
+    if constexpr (L == 16) _mm512_store_ps(lanes, acc[i]);
+    else _mm256_store_ps(lanes, acc[i]);
+    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
+  }
+}
+
+// DENSE bf16, rows: xd [groups*TG][in/16][32] bf16 -- each block column's 16 inputs twice, so that one
+// register multiplies rows 2q, 2q+1 (32 consecutive weights) with both copies
+template <int TG>
+inline void dense_rows_bf16(const Packed& p, int64_t r, int groups, const uint16_t* xd, int64_t xstride, Res& res) {
+  constexpr int PD = TG <= 2 ? 8 : 4;
+  const uint16_t* dv = static_cast<const uint16_t*>(p.dense_vals);
+  for (int g = 0; g < groups; ++g) {
+    const uint16_t* xg = xd + int64_t(g) * TG * xstride;
+    for (int q0 = 0; q0 < BS / 2; q0 += PD) {
+      __m512 acc[PD][TG];
+      for (int q = 0; q < PD; ++q)
+        for (int t = 0; t < TG; ++t) acc[q][t] = _mm512_setzero_ps();
+      for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+        const uint16_t* xc = xg + int64_t(p.dense_cols[b]) * 32;
+        const uint16_t* w = dv + int64_t(b) * 256 + q0 * 32;
+        __m512i xv[TG];
+#pragma GCC unroll 4
+        for (int t = 0; t < TG; ++t) xv[t] = _mm512_loadu_si512(xc + t * xstride);
+#pragma GCC unroll 8
+        for (int q = 0; q < PD; ++q) {
+          const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + q * 32);
+#pragma GCC unroll 4
+          for (int t = 0; t < TG; ++t) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], wv, (__m512bh)xv[t]);
+        }
+      }
+      for (int q = 0; q < PD; ++q)
+        for (int t = 0; t < TG; ++t) {
+          res[2 * (q0 + q)][g * TG + t] += hsum256(_mm512_castps512_ps256(acc[q][t]));
+          res[2 * (q0 + q) + 1][g * TG + t] += hsum256(_mm512_extractf32x8_ps(acc[q][t], 1));
+        }
+    }
+  }
+}
+
+// The 16-bit lane permute of an NM row quad: 32-bit lane j = (row j/4, group j%4) takes the inputs of the
+// group's two kept columns (canonical packing: ascending), from the 8 bytes of positions of the 4 rows
+inline __m512i nm_quad_index(const uint8_t* id) {
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i gbase = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+  uint32_t lo, hi;
+  std::memcpy(&lo, id, 4);
+  std::memcpy(&hi, id + 4, 4);
+  const __m512i codes = _mm512_inserti64x4(_mm512_set1_epi32(int(lo)), _mm256_set1_epi32(int(hi)), 1);
+  const __m512i nib = _mm512_and_si512(_mm512_srlv_epi32(codes, shifts), _mm512_set1_epi32(15));
+  const __m512i c0 = _mm512_add_epi32(_mm512_and_si512(nib, _mm512_set1_epi32(3)), gbase);
+  const __m512i c1 = _mm512_add_epi32(_mm512_srli_epi32(nib, 2), gbase);
+  return _mm512_or_si512(c0, _mm512_slli_epi32(c1, 16));
+}
+
+// NM bf16, rows: quad u = rows 4u..4u+3; qidx: the quads' permutes, precomputed once per block-row
+template <int TG>
+inline void nm_rows_bf16(const Packed& p, int64_t r, int groups, const uint16_t* xd, int64_t xstride,
+                         const __m512i* qidx, Res& res) {
+  constexpr int PQ = TG <= 4 ? 4 : 2;
+  const uint16_t* nv = static_cast<const uint16_t*>(p.nm_vals);
+  const int32_t nb0 = p.nm_ptr[r];
+  for (int g = 0; g < groups; ++g) {
+    const uint16_t* xg = xd + int64_t(g) * TG * xstride;
+    for (int u0 = 0; u0 < BS / 4; u0 += PQ) {
+      __m512 acc[PQ][TG];
+      for (int u = 0; u < PQ; ++u)
+        for (int t = 0; t < TG; ++t) acc[u][t] = _mm512_setzero_ps();
+      for (int32_t b = nb0; b < p.nm_ptr[r + 1]; ++b) {
+        const uint16_t* xc = xg + int64_t(p.nm_cols[b]) * 32;
+        const uint16_t* v = nv + int64_t(b) * (BS * NM_VALS) + u0 * 32;
+        __m512i xv[TG];
+#pragma GCC unroll 4
+        for (int t = 0; t < TG; ++t) xv[t] = _mm512_loadu_si512(xc + t * xstride);
+#pragma GCC unroll 4
+        for (int u = 0; u < PQ; ++u) {
+          const __m512i idx = qidx[size_t(b - nb0) * 4 + u0 + u];
+          const __m512bh vv = (__m512bh)_mm512_loadu_si512(v + u * 32);
+#pragma GCC unroll 4
+          for (int t = 0; t < TG; ++t)
+            acc[u][t] = _mm512_dpbf16_ps(acc[u][t], vv, (__m512bh)_mm512_permutexvar_epi16(idx, xv[t]));
+        }
+      }
+      alignas(64) float lanes[16];
+      for (int u = 0; u < PQ; ++u)
+        for (int t = 0; t < TG; ++t) {
+          _mm512_store_ps(lanes, acc[u][t]);
+          for (int k = 0; k < 4; ++k)
+            res[4 * (u0 + u) + k][g * TG + t] += (lanes[4 * k] + lanes[4 * k + 1]) + (lanes[4 * k + 2] + lanes[4 * k + 3]);
+        }
+    }
+  }
+}
+#else
+#define HS_BF16DOT 0
+#endif
+
+// What one call of the multi-token decode reads: x in the layouts its tier methods want.
+struct Tokens {
+  int n;            // tokens
+  int lanes;        // L of the token layouts (8 or 16)
+  const float* x;   // [groups*TG][in] fp32, zero padded (rows methods)
+  const float* xt;  // [in][L] fp32, zero padded (tokens methods, TOPK)
+  const uint16_t* xd = nullptr;  // bf16 [groups*TG][in/16][32] (bf16 rows)
+  const uint16_t* xp = nullptr;  // bf16 [in/2][L][2] (bf16 tokens)
+  int tg;           // tokens per group of the rows methods
+  int groups;
+};
+
+template <typename T>
+void decode_multi(const Packed& p, const Tokens& k, float* y) {
+  const int64_t in = p.in, out = p.out;
+  parallel_rows(p, sizeof(T), [&](int64_t r0, int64_t r1) {
+#if HS_BF16DOT
+    std::vector<__m512i> qidx;
+#endif
+    for (int64_t r = r0; r < r1; ++r) {
+      alignas(64) Res res = {};
+#if HS_AVX512
+      bool done = false;
+#if HS_BF16DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        const int64_t xs = (in / BS) * 32;
+        if (k.n <= 4) {
+          if (k.tg == 1) dense_rows_bf16<1>(p, r, k.groups, k.xd, xs, res);
+          else if (k.tg == 2) dense_rows_bf16<2>(p, r, k.groups, k.xd, xs, res);
+          else dense_rows_bf16<4>(p, r, k.groups, k.xd, xs, res);
+        } else if (k.lanes == 8) {
+          dense_tokens_bf16<8>(p, r, k.xp, res);
+        } else {
+          dense_tokens_bf16<16>(p, r, k.xp, res);
+        }
+        const int32_t nb0 = p.nm_ptr[r], nb1 = p.nm_ptr[r + 1];
+        qidx.resize(size_t(nb1 - nb0) * 4);
+        for (int32_t b = nb0; b < nb1; ++b)
+          for (int u = 0; u < 4; ++u) qidx[size_t(b - nb0) * 4 + u] = nm_quad_index(p.nm_idx + int64_t(b) * 32 + u * 8);
+        if (k.tg == 1) nm_rows_bf16<1>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+        else if (k.tg == 2) nm_rows_bf16<2>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+        else nm_rows_bf16<4>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+        done = true;
+      }
+#endif
+      if (!done) {
+        if (k.n == 2) dense_rows<T, 2>(p, r, k.x, in, res);
+        else if (k.n <= 4) dense_rows<T, 4>(p, r, k.x, in, res);
+        else if (k.lanes == 8) dense_tokens<T, 8>(p, r, k.xt, res);
+        else dense_tokens<T, 16>(p, r, k.xt, res);
+        if (k.n <= 8) {
+          if (k.tg == 2) nm_rows<T, 2>(p, r, k.groups, k.x, in, res);
+          else if (k.tg == 4) nm_rows<T, 4>(p, r, k.groups, k.x, in, res);
+          else nm_rows<T, 8>(p, r, k.groups, k.x, in, res);
+        } else {
+          nm_tokens<T, 16>(p, r, k.xt, res);
+        }
+      }
+#else
+      {  // portable: token-major loops
+        const T* dv = static_cast<const T*>(p.dense_vals);
+        const T* nv = static_cast<const T*>(p.nm_vals);
+        const int L = k.lanes;
+        for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+          const float* xc = k.xt + int64_t(p.dense_cols[b]) * BS * L;
+          const T* w = dv + int64_t(b) * 256;
+          for (int i = 0; i < BS; ++i)
+            for (int j = 0; j < BS; ++j) {
+              const float wv = to_f(w[i * BS + j]);
+              for (int t = 0; t < L; ++t) res[i][t] += wv * xc[j * L + t];
+            }
+        }
+        for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+          const float* xc = k.xt + int64_t(p.nm_cols[b]) * BS * L;
+          const T* v = nv + int64_t(b) * (BS * NM_VALS);
+          const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
+          for (int i = 0; i < BS; ++i)
+            for (int q = 0; q < NM_VALS; ++q) {
+              const int col = (q / 2) * 4 + ((id[i * 2 + q / 4] >> (2 * (q % 4))) & 3);
+              const float wv = to_f(v[i * NM_VALS + q]);
+              for (int t = 0; t < L; ++t) res[i][t] += wv * xc[col * L + t];
+            }
+        }
+      }
+#endif
+      if (k.lanes == 8) topk_tokens<T, 8>(p, r, k.xt, res);
+      else topk_tokens<T, 16>(p, r, k.xt, res);
+      for (int t = 0; t < k.n; ++t)
+        for (int i = 0; i < BS; ++i) y[t * out + r * BS + i] = res[i][t];
+    }
+  });
+}
+
+// -- unpacking (prefill panels) ----------------------------------------------------------------------
+// Writes block-rows [r0, r1) of the dense logical weight into dst ([ (r1-r0)*16, in ], row-major, type T).
+// Every block belongs to exactly one tier, so each 16x16 tile is written once, zeros included.
+// the 16-bit lane mask of one NM row's kept columns, from its 8 two-bit positions
+inline uint32_t nm_lanes(uint32_t u) {
+  uint32_t m = 0;
+  for (int k = 0; k < NM_VALS; ++k) m |= 1u << ((k >> 1) * 4 + ((u >> (2 * k)) & 3));
+  return m;
+}
+
+template <typename T>
+inline void zero_tile(T* tile, int64_t ld) {
+  for (int i = 0; i < BS; ++i) std::memset(static_cast<void*>(tile + i * ld), 0, sizeof(T) * BS);
+}
+
+template <typename T>
+void unpack_rows(const Packed& p, int64_t r0, int64_t r1, T* dst) {
+  const T* dv = static_cast<const T*>(p.dense_vals);
+  const T* nv = static_cast<const T*>(p.nm_vals);
+  const T* tv = static_cast<const T*>(p.topk_vals);
+  const int64_t in = p.in, K = p.topk;
+  at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b_end) {
+    for (int64_t r = a; r < b_end; ++r) {
+      T* rows = dst + (r - r0) * BS * in;
+      for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
+        const T* w = dv + int64_t(b) * 256;
+        T* tile = rows + int64_t(p.dense_cols[b]) * BS;
+        for (int i = 0; i < BS; ++i) std::memcpy(tile + i * in, w + i * BS, sizeof(T) * BS);
+      }
+      for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+        const T* v = nv + int64_t(b) * (BS * NM_VALS);
+        const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
+        T* tile = rows + int64_t(p.nm_cols[b]) * BS;
+        for (int i = 0; i < BS; ++i) {
+          const uint32_t u = uint32_t(id[2 * i]) | (uint32_t(id[2 * i + 1]) << 8);
+#if HS_AVX512 && defined(__AVX512VBMI2__)
+          // positions ascend within each group (canonical packing): expand the 8 values into the kept lanes
+          const __mmask16 lanes = __mmask16(nm_lanes(u));
+          if constexpr (std::is_same_v<T, float>) {
+            _mm512_storeu_ps(tile + i * in, _mm512_maskz_expand_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(v + i * NM_VALS))));
+          } else {
+            const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i * NM_VALS));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + i * in), _mm256_maskz_expand_epi16(lanes, _mm256_castsi128_si256(h)));
+          }
+#else
+          T row[BS] = {};
+          for (int k = 0; k < NM_VALS; ++k) row[(k >> 1) * 4 + ((u >> (2 * k)) & 3)] = v[i * NM_VALS + k];
+          std::memcpy(tile + i * in, row, sizeof(row));
+#endif
+        }
+      }
+      for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b) {
+        T* tile = rows + int64_t(p.topk_cols[b]) * BS;
+        zero_tile(tile, in);
+        const T* v = tv + int64_t(b) * K;
+        const uint8_t* pos = p.topk_pos + int64_t(b) * K;
+        for (int64_t e = 0; e < K; ++e) tile[(pos[e] >> 4) * in + (pos[e] & 15)] = v[e];
+      }
+    }
+  });
+}
+
+// A scratch buffer reused across calls and layers (no page faults per call); it is not held by any layer.
+at::Tensor& scratch(int64_t numel, const at::TensorOptions& opts) {
+  static thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < numel || buf.scalar_type() != opts.dtype().toScalarType())
+    buf = at::empty({numel}, opts);
+  return buf;
+}
+
+Packed make_packed(const std::vector<at::Tensor>& t, int64_t out, int64_t in, int64_t topk) {
+  Packed p;
+  p.dense_vals = t[0].data_ptr();
+  p.dense_ptr = t[1].data_ptr<int32_t>();
+  p.dense_cols = t[2].data_ptr<int32_t>();
+  p.nm_vals = t[3].data_ptr();
+  p.nm_idx = t[4].data_ptr<uint8_t>();
+  p.nm_ptr = t[5].data_ptr<int32_t>();
+  p.nm_cols = t[6].data_ptr<int32_t>();
+  p.topk_vals = t[7].data_ptr();
+  p.topk_pos = t[8].data_ptr<uint8_t>();
+  p.topk_ptr = t[9].data_ptr<int32_t>();
+  p.topk_cols = t[10].data_ptr<int32_t>();
+  p.out = out;
+  p.in = in;
+  p.topk = topk;
+  return p;
+}
+
+void check_inputs(const at::Tensor& x, const std::vector<at::Tensor>& t, int64_t out, int64_t in, int64_t topk) {
+  TORCH_CHECK(t.size() == 11, "hybrid_linear: expected the 11 packed tensors, got ", t.size());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "hybrid_linear: x must be [tokens, ", in, "], got ", x.sizes());
+  TORCH_CHECK(out % BS == 0 && in % BS == 0, "hybrid_linear: shape ", out, "x", in, " does not tile into 16x16");
+  TORCH_CHECK(topk >= 0 && topk <= 256, "hybrid_linear: topk ", topk, " outside 0..256");
+  const auto dtype = t[0].scalar_type();
+  TORCH_CHECK(t[3].scalar_type() == dtype && t[7].scalar_type() == dtype, "hybrid_linear: value tensors differ in dtype");
+  TORCH_CHECK(x.scalar_type() == dtype, "hybrid_linear: x is ", x.scalar_type(), " but the weight is ", dtype);
+  for (int k : {1, 2, 5, 6, 9, 10})
+    TORCH_CHECK(t[k].scalar_type() == at::kInt && t[k].is_contiguous(), "hybrid_linear: index tensor ", k, " must be contiguous int32");
+  for (int k : {4, 8})
+    TORCH_CHECK(t[k].scalar_type() == at::kByte && t[k].is_contiguous(), "hybrid_linear: position tensor ", k, " must be contiguous uint8");
+  for (const auto& v : t) TORCH_CHECK(v.device().is_cpu() && v.is_contiguous(), "hybrid_linear: packed tensors must be contiguous CPU tensors");
+  const int64_t R = out / BS;
+  TORCH_CHECK(t[1].numel() == R + 1 && t[5].numel() == R + 1 && t[9].numel() == R + 1, "hybrid_linear: row pointers do not match ", R, " block-rows");
+  TORCH_CHECK(t[0].numel() == t[2].numel() * 256, "hybrid_linear: DENSE values do not match their block columns");
+  TORCH_CHECK(t[3].numel() == t[6].numel() * 128 && t[4].numel() == t[6].numel() * 32, "hybrid_linear: NM tensors do not match their block columns");
+  TORCH_CHECK(t[7].numel() == t[10].numel() * topk && t[8].numel() == t[10].numel() * topk, "hybrid_linear: TOPK tensors do not match topk=", topk);
+}
+
+int64_t& panel_bytes() {
+  static int64_t bytes = int64_t(4) << 20;
+  return bytes;
+}
+
+void set_panel_bytes(int64_t bytes) { panel_bytes() = std::max<int64_t>(bytes, 4096); }
+
+
+template <typename T>
+at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Tensor>& bias) {
+  const int64_t n = x.size(0);
+  auto opts_f = x.options().dtype(at::kFloat);
+  at::Tensor y;
+  if (n == 0) {
+    y = at::zeros({0, p.out}, x.options());
+  } else if (n == 1) {
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor yf = at::empty({1, p.out}, opts_f);
+    decode_one<T>(p, xf.data_ptr<float>(), yf.data_ptr<float>());
+    y = yf.to(x.scalar_type());
+  } else if (n <= 16) {
+    Tokens k;
+    k.n = int(n);
+    k.lanes = n <= 8 ? 8 : 16;
+    const bool bf16 = HS_BF16DOT && std::is_same_v<T, c10::BFloat16>;
+    k.tg = bf16 ? (n <= 1 ? 1 : n <= 2 ? 2 : 4) : (n <= 2 ? 2 : n <= 4 ? 4 : 8);
+    k.groups = int((n + k.tg - 1) / k.tg);
+    at::Tensor xf = at::zeros({int64_t(k.groups) * k.tg, p.in}, opts_f);
+    xf.narrow(0, 0, n).copy_(x);
+    at::Tensor xt = at::zeros({p.in, k.lanes}, opts_f);
+    xt.narrow(1, 0, n).copy_(x.t());
+    k.x = xf.data_ptr<float>();
+    k.xt = xt.data_ptr<float>();
+    at::Tensor xd, xp;
+    if (bf16) {
+      at::Tensor xb = xf.to(at::kBFloat16).view({int64_t(k.groups) * k.tg, p.in / BS, BS});
+      xd = at::cat({xb, xb}, 2).contiguous();
+      xp = xt.to(at::kBFloat16).view({p.in / 2, 2, k.lanes}).transpose(1, 2).contiguous();
+      k.xd = reinterpret_cast<const uint16_t*>(xd.data_ptr());
+      k.xp = reinterpret_cast<const uint16_t*>(xp.data_ptr());
+    }
+    at::Tensor yf = at::empty({n, p.out}, opts_f);
+    decode_multi<T>(p, k, yf.data_ptr<float>());
+    y = yf.to(x.scalar_type());
+  } else {
+    // prefill: panels of block-rows unpacked into a reused buffer, each feeding the BLAS GEMM that writes
+    // its columns of y in place
+    y = at::empty({n, p.out}, x.options());
+    const int64_t R = p.out / BS;
+    const int64_t panel = std::max<int64_t>(1, std::min<int64_t>(R, panel_bytes() / (BS * p.in * int64_t(sizeof(T)))));
+    at::Tensor& buf = scratch(panel * BS * p.in, x.options());
+    for (int64_t r0 = 0; r0 < R; r0 += panel) {
+      const int64_t r1 = std::min(R, r0 + panel);
+      at::Tensor w = buf.narrow(0, 0, (r1 - r0) * BS * p.in).view({(r1 - r0) * BS, p.in});
+      unpack_rows<T>(p, r0, r1, reinterpret_cast<T*>(w.data_ptr()));
+      at::Tensor ys = y.narrow(1, r0 * BS, (r1 - r0) * BS);
+      at::mm_out(ys, x, w.t());
+    }
+  }
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
+  return y;
+}
+
+at::Tensor hybrid_linear(const at::Tensor& x, std::vector<at::Tensor> t, const c10::optional<at::Tensor>& bias,
+                         int64_t out, int64_t topk) {
+  const int64_t in = x.size(-1);
+  check_inputs(x, t, out, in, topk);
+  const Packed p = make_packed(t, out, in, topk);
+  at::Tensor xc = x.contiguous();
+  switch (x.scalar_type()) {
+    case at::kFloat: return run<float>(xc, p, bias);
+    case at::kBFloat16: return run<c10::BFloat16>(xc, p, bias);
+    case at::kHalf: return run<c10::Half>(xc, p, bias);
+    default: TORCH_CHECK(false, "hybrid_linear: no CPU kernel for dtype ", x.scalar_type());
+  }
+}
+
+at::Tensor hybrid_unpack(std::vector<at::Tensor> t, int64_t out, int64_t in, int64_t topk) {
+  at::Tensor x = at::empty({0, in}, t[0].options());
+  check_inputs(x, t, out, in, topk);
+  const Packed p = make_packed(t, out, in, topk);
+  at::Tensor w = at::empty({out, in}, t[0].options());
+  switch (t[0].scalar_type()) {
+    case at::kFloat: unpack_rows<float>(p, 0, out / BS, w.data_ptr<float>()); break;
+    case at::kBFloat16: unpack_rows<c10::BFloat16>(p, 0, out / BS, reinterpret_cast<c10::BFloat16*>(w.data_ptr())); break;
+    case at::kHalf: unpack_rows<c10::Half>(p, 0, out / BS, reinterpret_cast<c10::Half*>(w.data_ptr())); break;
+    default: TORCH_CHECK(false, "hybrid_unpack: no CPU kernel for dtype ", t[0].scalar_type());
+  }
+  return w;
+}
+
+bool has_avx512() { return HS_AVX512 != 0; }
+
+}  // namespace
+
+TORCH_LIBRARY(hf_hybrid_sparse, m) {
+  m.def("hybrid_linear(Tensor x, Tensor[] packed, Tensor? bias, int out_features, int topk) -> Tensor");
+  m.def("hybrid_unpack(Tensor[] packed, int out_features, int in_features, int topk) -> Tensor");
+  m.def("has_avx512() -> bool", has_avx512);
+  m.def("set_panel_bytes(int bytes) -> ()", set_panel_bytes);
+
+}
+
+TORCH_LIBRARY_IMPL(hf_hybrid_sparse, CPU, m) {
+  m.impl("hybrid_linear", hybrid_linear);
+  m.impl("hybrid_unpack", hybrid_unpack);
+}
