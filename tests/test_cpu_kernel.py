@@ -229,3 +229,27 @@ def test_torch_compile_sees_one_op():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # fullgraph: no break around the op
     with torch.no_grad():
         assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("family, compressed", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_use_kernels_packs_each_layer_as_it_loads(tmp_path, monkeypatch, family, compressed):
+    from transformers import AutoModelForCausalLM
+
+    from hf_hybrid_sparse import save_pretrained, sparsity_masks
+    from hf_hybrid_sparse.checkpoint import packed_load
+
+    model = tiny_model(family)
+    apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude"))
+    save_pretrained(model, tmp_path / "m", compressed=compressed)
+    packed_while_loading = []
+    real = packed_load.PackOnLoad._pack
+    monkeypatch.setattr(
+        packed_load.PackOnLoad, "_pack", lambda self, w: packed_while_loading.append(self._spec[0]) or real(self, w)
+    )
+    fast = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=HybridSparseConfig(use_kernels=True))
+    assert sorted(packed_while_loading) == sorted(sparsity_masks(model))  # every layer, packed as it arrived
+    layers = [m for m in fast.modules() if isinstance(m, HybridSparseLinear)]
+    assert len(layers) == len(packed_while_loading) and not list(sparsity_masks(fast))
+    probe = random_tokens(1, 10, seed=2)
+    with torch.no_grad():
+        assert torch.allclose(fast(input_ids=probe).logits, model(input_ids=probe).logits, atol=1e-5)

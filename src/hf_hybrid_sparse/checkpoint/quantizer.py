@@ -33,6 +33,7 @@ from ..engine.sequential import prune_model
 from ..errors import ConfigError, StorageError
 from ..kernels.linear import HybridSparseLinear, convert_to_dense, convert_to_hybrid_kernels
 from ..state import clear_state
+from . import packed_load
 from .format import MASK_PREFIX
 from .reader import Checkpoint, restore_state
 from .saving import PENDING_FILE, save_pretrained
@@ -53,6 +54,8 @@ class HybridSparseHfQuantizer(HfQuantizer):
         self.checkpoint_files: list[str] | None = None
         self.compressed = False  # set for the duration of a save_pretrained(..., compressed=True)
         self.compressed_keys: set[str] = set()  # parameters a compressed checkpoint stores as kept values
+        self.packed_keys: set[str] = set()  # layers packed while loading (use_kernels)
+        self.open_checkpoint: Checkpoint | None = None
 
     # -- loading ------------------------------------------------------------------------------
     def validate_environment(self, *args, **kwargs) -> None:
@@ -79,11 +82,15 @@ class HybridSparseHfQuantizer(HfQuantizer):
                 "hf_hybrid_sparse.checkpoint.recover(folder) or save the model again."
             )
         if self.pre_quantized and files:
-            with Checkpoint(files) as ckpt:
-                if ckpt.doc is not None:
-                    self.compressed_keys = {
-                        k for k, e in ckpt.doc["modules"].items() if e["values"] is not None
-                    }
+            ckpt = Checkpoint(files)
+            if ckpt.doc is not None:
+                self.compressed_keys = {k for k, e in ckpt.doc["modules"].items() if e["values"] is not None}
+            if ckpt.doc is not None and getattr(self.quantization_config, "use_kernels", False):
+                # straight into packed layers: the checkpoint stays open while the weights arrive
+                self.packed_keys = packed_load.install(model, ckpt)
+                self.open_checkpoint = ckpt
+            else:
+                ckpt.__exit__(None, None, None)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -98,10 +105,16 @@ class HybridSparseHfQuantizer(HfQuantizer):
                     "config.json declares quant_method='hybrid_sparse' but no safetensors checkpoint was loaded; "
                     "the sparsity state can only be restored from safetensors files."
                 )
-            restore_state(model, files)
+            try:
+                packed_load.finish(model)
+                restore_state(model, files, skip=self.packed_keys)
+            finally:
+                if self.open_checkpoint is not None:
+                    self.open_checkpoint.__exit__(None, None, None)
+                    self.open_checkpoint = None
         _wrap_save(model)
         if getattr(self.quantization_config, "use_kernels", False):
-            convert_to_hybrid_kernels(model)
+            convert_to_hybrid_kernels(model)  # layers packing could not take on load (e.g. pruned on load)
         return model
 
     # -- saving -------------------------------------------------------------------------------

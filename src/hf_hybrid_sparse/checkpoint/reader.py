@@ -185,8 +185,43 @@ def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, to
     return module, pname, param
 
 
-def restore_state(model: torch.nn.Module, files: list[str]) -> None:
-    """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``."""
+def verified_state(key: str, entry: dict, mask: torch.Tensor, weight: torch.Tensor | None) -> ParamSparsity:
+    """The :class:`ParamSparsity` of a header ``entry`` after every check against its ``mask`` and ``weight``.
+
+    ``weight`` is the loaded parameter (``None`` or on ``meta`` when offloaded: its zeros are not checked).
+    """
+    kept = int(mask.sum())
+    if kept != entry["kept"]:
+        raise StorageError(f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}.")
+    if weight is not None and weight.device.type != "meta":
+        revived = torch.count_nonzero(weight.detach().masked_fill(mask.to(weight.device), 0))
+        if int(revived):
+            raise StorageError(
+                f"{key}: {int(revived)} weights that the mask prunes are not zero; the weights "
+                "and the mask disagree (edited or mixed-up checkpoint)."
+            )
+    if entry["tier_map"] is not None:
+        _check_tiers(key, mask, entry["tier_map"], entry)
+    else:
+        _check_pattern(key, mask, entry)
+    device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+    return ParamSparsity(
+        mask=mask.to(device),
+        tier_map=entry["tier_map"],
+        pattern=entry["pattern"],
+        method=entry["method"],
+        block_size=entry["block_size"],
+        nm=entry["nm"],
+        topk_per_block=entry["topk_per_block"],
+        transposed=entry["transposed"],
+    )
+
+
+def restore_state(model: torch.nn.Module, files: list[str], skip: set[str] | None = None) -> None:
+    """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``.
+
+    Entries in ``skip`` (layers already restored another way, e.g. packed on load) are left out.
+    """
     with Checkpoint(files) as ckpt:
         if ckpt.doc is None:
             raise StorageError(
@@ -194,6 +229,8 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
                 f"'{METADATA_KEY}' metadata; the files were not written by hf-hybrid-sparse or were edited."
             )
         for key, entry in ckpt.doc["modules"].items():
+            if skip and key in skip:
+                continue
             module, pname, param = _resolve(model, key)
             compressed = entry["values"] is not None
             if not compressed and tuple(param.shape) != entry["shape"]:
@@ -201,35 +238,9 @@ def restore_state(model: torch.nn.Module, files: list[str]) -> None:
                     f"{key}: the saved mask has shape {list(entry['shape'])} but the parameter has {list(param.shape)}."
                 )
             mask = ckpt.mask(key)
-            kept = int(mask.sum())
-            if kept != entry["kept"]:
-                raise StorageError(
-                    f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}."
-                )
             if compressed:
                 param = _fill_from_values(key, module, pname, param, mask, entry)
-            if param.device.type != "meta":
-                revived = (param.detach() != 0) & ~mask.to(param.device)
-                if bool(revived.any()):
-                    raise StorageError(
-                        f"{key}: {int(revived.sum())} weights that the mask prunes are not zero; the weights "
-                        "and the mask disagree (edited or mixed-up checkpoint)."
-                    )
-            if entry["tier_map"] is not None:
-                _check_tiers(key, mask, entry["tier_map"], entry)
-            else:
-                _check_pattern(key, mask, entry)
-            state = ParamSparsity(
-                mask=mask.to(param.device if param.device.type != "meta" else "cpu"),
-                tier_map=entry["tier_map"],
-                pattern=entry["pattern"],
-                method=entry["method"],
-                block_size=entry["block_size"],
-                nm=entry["nm"],
-                topk_per_block=entry["topk_per_block"],
-                transposed=entry["transposed"],
-            )
-            set_param_state(module, pname, state)
+            set_param_state(module, pname, verified_state(key, entry, mask, param))
 
 
 def _fill_from_values(key, module, pname, param, mask, entry) -> torch.nn.Parameter:

@@ -88,20 +88,26 @@ class HybridSparseLinear(nn.Module):
             raise PackingError(
                 f"the packed kernels use 16x16 blocks, this layer was pruned with {state.block_size}."
             )
-        weight = linear.weight.detach()
+        return cls.from_weight(linear.weight, state, getattr(linear, "bias", None), type(linear), **kwargs)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        state: ParamSparsity,
+        bias: torch.Tensor | None = None,
+        origin: type = nn.Linear,
+        **kwargs,
+    ) -> HybridSparseLinear:
+        """Pack ``weight`` (in the layout of an ``origin`` layer) with its hybrid ``state``."""
+        weight = weight.detach()
         logical = weight.t() if state.transposed else weight
         mask = state.logical_mask().to(weight.device)
         packed = pack(logical, mask, state.tier_map, state.topk_per_block, parse_nm(state.nm))
         pads = {k: _padding_slots(v) for k, v in packed.kept.items()}
-        module = cls(
-            packed,
-            getattr(linear, "bias", None),
-            nm_pad=pads["nm_vals"],
-            topk_pad=pads["topk_vals"],
-            **kwargs,
-        )
+        module = cls(packed, bias, nm_pad=pads["nm_vals"], topk_pad=pads["topk_vals"], **kwargs)
         recipe = {k: getattr(state, k) for k in ("pattern", "method", "nm", "topk_per_block", "transposed")}
-        module._origin = (type(linear), recipe)
+        module._origin = (origin, recipe)
         return module.to(weight.device)
 
     @property

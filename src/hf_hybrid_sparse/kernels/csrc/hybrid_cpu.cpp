@@ -100,8 +100,10 @@ std::vector<int64_t> split_rows(const Packed& p, int64_t elem, int parts) {
 
 template <typename F>
 void parallel_rows(const Packed& p, int64_t elem, F&& body) {
+  // a thread per ~64 KiB of packed weight at least: waking threads costs more than small layers take
+  const int64_t bytes = int64_t(p.dense_ptr[p.out / BS]) * 256 * elem + int64_t(p.nm_ptr[p.out / BS]) * 128 * elem;
   const int threads = std::max(1, at::get_num_threads());
-  const int parts = static_cast<int>(std::min<int64_t>(threads, p.out / BS));
+  const int parts = static_cast<int>(std::min<int64_t>({int64_t(threads), p.out / BS, std::max<int64_t>(1, bytes >> 16)}));
   if (parts <= 1) {
     body(0, p.out / BS);
     return;
@@ -717,58 +719,90 @@ int64_t& panel_bytes() {
 void set_panel_bytes(int64_t bytes) { panel_bytes() = std::max<int64_t>(bytes, 4096); }
 
 
+// y [n][out] in T from fp32 results, plus the bias (in T)
+template <typename T>
+void finish(const float* yf, int64_t n, int64_t out, const T* bias, T* y) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      const float v = yf[t * out + o] + (bias ? to_f(bias[o]) : 0.f);
+      y[t * out + o] = static_cast<T>(v);
+    }
+}
+
 template <typename T>
 at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Tensor>& bias) {
-  const int64_t n = x.size(0);
-  auto opts_f = x.options().dtype(at::kFloat);
-  at::Tensor y;
-  if (n == 0) {
-    y = at::zeros({0, p.out}, x.options());
-  } else if (n == 1) {
-    at::Tensor xf = x.to(at::kFloat).contiguous();
-    at::Tensor yf = at::empty({1, p.out}, opts_f);
-    decode_one<T>(p, xf.data_ptr<float>(), yf.data_ptr<float>());
-    y = yf.to(x.scalar_type());
-  } else if (n <= 16) {
-    Tokens k;
-    k.n = int(n);
-    k.lanes = n <= 8 ? 8 : 16;
-    const bool bf16 = HS_BF16DOT && std::is_same_v<T, c10::BFloat16>;
-    k.tg = bf16 ? (n <= 1 ? 1 : n <= 2 ? 2 : 4) : (n <= 2 ? 2 : n <= 4 ? 4 : 8);
-    k.groups = int((n + k.tg - 1) / k.tg);
-    at::Tensor xf = at::zeros({int64_t(k.groups) * k.tg, p.in}, opts_f);
-    xf.narrow(0, 0, n).copy_(x);
-    at::Tensor xt = at::zeros({p.in, k.lanes}, opts_f);
-    xt.narrow(1, 0, n).copy_(x.t());
-    k.x = xf.data_ptr<float>();
-    k.xt = xt.data_ptr<float>();
-    at::Tensor xd, xp;
-    if (bf16) {
-      at::Tensor xb = xf.to(at::kBFloat16).view({int64_t(k.groups) * k.tg, p.in / BS, BS});
-      xd = at::cat({xb, xb}, 2).contiguous();
-      xp = xt.to(at::kBFloat16).view({p.in / 2, 2, k.lanes}).transpose(1, 2).contiguous();
-      k.xd = reinterpret_cast<const uint16_t*>(xd.data_ptr());
-      k.xp = reinterpret_cast<const uint16_t*>(xp.data_ptr());
-    }
-    at::Tensor yf = at::empty({n, p.out}, opts_f);
-    decode_multi<T>(p, k, yf.data_ptr<float>());
-    y = yf.to(x.scalar_type());
-  } else {
-    // prefill: panels of block-rows unpacked into a reused buffer, each feeding the BLAS GEMM that writes
-    // its columns of y in place
-    y = at::empty({n, p.out}, x.options());
-    const int64_t R = p.out / BS;
-    const int64_t panel = std::max<int64_t>(1, std::min<int64_t>(R, panel_bytes() / (BS * p.in * int64_t(sizeof(T)))));
-    at::Tensor& buf = scratch(panel * BS * p.in, x.options());
-    for (int64_t r0 = 0; r0 < R; r0 += panel) {
-      const int64_t r1 = std::min(R, r0 + panel);
-      at::Tensor w = buf.narrow(0, 0, (r1 - r0) * BS * p.in).view({(r1 - r0) * BS, p.in});
-      unpack_rows<T>(p, r0, r1, reinterpret_cast<T*>(w.data_ptr()));
-      at::Tensor ys = y.narrow(1, r0 * BS, (r1 - r0) * BS);
-      at::mm_out(ys, x, w.t());
-    }
+  const int64_t n = x.size(0), in = p.in, out = p.out;
+  const T* xs = reinterpret_cast<const T*>(x.data_ptr());
+  const T* bs = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out, "hybrid_linear: bias has ", bias->numel(), " values for ", out, " outputs");
+    bias_c = bias->to(x.scalar_type()).contiguous();
+    bs = reinterpret_cast<const T*>(bias_c.data_ptr());
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
+  at::Tensor y = at::empty({n, out}, x.options());
+  if (n == 0) return y;
+  T* ys = reinterpret_cast<T*>(y.data_ptr());
+  if (n <= 16) {
+    // the inputs in the layouts the decode methods read, filled in one pass (no per-call tensor ops)
+    static thread_local std::vector<float> xf, xt, yf;
+    static thread_local std::vector<uint16_t> xd, xp;
+    if (n == 1) {
+      xf.resize(in);
+      yf.resize(out);
+      for (int64_t j = 0; j < in; ++j) xf[j] = to_f(xs[j]);
+      decode_one<T>(p, xf.data(), yf.data());
+    } else {
+      Tokens k;
+      k.n = int(n);
+      k.lanes = n <= 8 ? 8 : 16;
+      const bool bf16 = HS_BF16DOT && std::is_same_v<T, c10::BFloat16>;
+      k.tg = bf16 ? (n <= 2 ? 2 : 4) : (n <= 2 ? 2 : n <= 4 ? 4 : 8);
+      k.groups = int((n + k.tg - 1) / k.tg);
+      const int64_t padded = int64_t(k.groups) * k.tg, L = k.lanes;
+      xf.assign(padded * in, 0.f);
+      xt.assign(in * L, 0.f);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < in; ++j) {
+          const float v = to_f(xs[t * in + j]);
+          xf[t * in + j] = v;
+          xt[j * L + t] = v;
+        }
+      k.x = xf.data();
+      k.xt = xt.data();
+      if (bf16) {
+        xd.assign(padded * in * 2, 0);  // [padded][in/16][32]: each block column's 16 inputs twice
+        xp.assign(in * L, 0);           // [in/2][L][2]: the inputs of columns 2k, 2k+1 per token
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t j = 0; j < in; ++j) {
+            const uint16_t b = reinterpret_cast<const uint16_t*>(xs)[t * in + j];
+            const int64_t c = j / BS, i = j % BS;
+            xd[(t * (in / BS) + c) * 32 + i] = b;
+            xd[(t * (in / BS) + c) * 32 + BS + i] = b;
+            xp[((j / 2) * L + t) * 2 + (j & 1)] = b;
+          }
+        k.xd = xd.data();
+        k.xp = xp.data();
+      }
+      yf.resize(n * out);
+      decode_multi<T>(p, k, yf.data());
+    }
+    finish<T>(yf.data(), n, out, bs, ys);
+    return y;
+  }
+  // prefill: panels of block-rows unpacked into a reused buffer, each feeding the BLAS GEMM that writes its
+  // columns of y in place
+  const int64_t R = out / BS;
+  const int64_t panel = std::max<int64_t>(1, std::min<int64_t>(R, panel_bytes() / (BS * in * int64_t(sizeof(T)))));
+  at::Tensor& buf = scratch(panel * BS * in, x.options());
+  for (int64_t r0 = 0; r0 < R; r0 += panel) {
+    const int64_t r1 = std::min(R, r0 + panel);
+    at::Tensor w = buf.narrow(0, 0, (r1 - r0) * BS * in).view({(r1 - r0) * BS, in});
+    unpack_rows<T>(p, r0, r1, reinterpret_cast<T*>(w.data_ptr()));
+    at::Tensor ycols = y.narrow(1, r0 * BS, (r1 - r0) * BS);
+    at::mm_out(ycols, x, w.t());
+  }
+  if (bs) y.add_(bias_c);
   return y;
 }
 

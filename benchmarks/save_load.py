@@ -1,0 +1,79 @@
+"""`save_pretrained` / `from_pretrained` of a pruned SmolLM2-135M against the same model saved dense.
+
+    python benchmarks/save_load.py [--rounds 7] [--threads 1]
+
+Three folders of the same weights: dense (no sparsity state), hybrid-pruned in the plain layout, and the
+compressed layout. Each round saves and loads every one of them (interleaved, page cache warm after the
+first round); medians with the spread. Every check the loader makes stays on (digests, masks against
+weights, tier maps), so the ratio is the price of the sparsity state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import out, write_json
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity, save_pretrained
+from hf_hybrid_sparse.models import load_model_and_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default="benchmarks/save_load.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    dense, _ = load_model_and_tokenizer()
+    pruned = copy.deepcopy(dense)
+    apply_hybrid_sparsity(pruned, HybridSparseConfig(method="magnitude", pattern="hybrid"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {k: Path(tmp) / k for k in ("dense", "hybrid", "compressed")}
+
+        def save(kind: str) -> None:
+            if kind == "dense":
+                dense.save_pretrained(folders[kind])
+            else:
+                save_pretrained(pruned, folders[kind], compressed=kind == "compressed")
+
+        times: dict[str, list[float]] = {f"{op} {k}": [] for op in ("save", "load") for k in folders}
+        for r in range(args.rounds + 1):
+            for kind in folders:
+                start = time.perf_counter()
+                save(kind)
+                saved = time.perf_counter() - start
+                start = time.perf_counter()
+                AutoModelForCausalLM.from_pretrained(folders[kind])
+                loaded = time.perf_counter() - start
+                if r:  # round 0 warms the page cache and the imports
+                    times[f"save {kind}"].append(saved)
+                    times[f"load {kind}"].append(loaded)
+    results = {"setup": vars(args) | {"threads": torch.get_num_threads()}, "seconds": {}}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        results["seconds"][name] = {"median": statistics.median(ts), "iqr": q[2] - q[0]}
+    for op in ("save", "load"):
+        base = results["seconds"][f"{op} dense"]["median"]
+        for kind in ("hybrid", "compressed"):
+            entry = results["seconds"][f"{op} {kind}"]
+            entry["x_dense"] = entry["median"] / base
+            out(
+                f"{op} {kind}: {entry['median']:.3f} s (IQR {entry['iqr']:.3f}) vs dense {base:.3f} s: x{entry['x_dense']:.2f}"
+            )
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Loading straight into packed layers: ``from_pretrained(..., quantization_config=HybridSparseConfig(use_kernels=True))``.
+
+Before the weights load, every hybrid-pruned linear layer of the (meta) model is replaced by a
+:class:`PackOnLoad` stand-in. When transformers assigns the layer's weight, the stand-in reads the layer's
+mask from the checkpoint, makes every check a normal load makes, packs the weight and lets the dense
+tensor go; after loading, the stand-ins are swapped for their :class:`HybridSparseLinear`. The dense model
+is never whole in memory: the peak is the packed model plus one dense layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import StorageError
+from ..kernels.linear import HybridSparseLinear
+from .reader import Checkpoint, verified_state
+
+
+class PackOnLoad(nn.Module):
+    """Stands in for one hybrid-pruned linear layer while ``from_pretrained`` loads (see module docstring)."""
+
+    def __init__(self, layer: nn.Module, key: str, entry: dict, ckpt: Checkpoint, path: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_spec", (key, entry, ckpt, type(layer), path))
+        object.__setattr__(self, "built", None)
+        self.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=layer.weight.dtype, device="meta"))
+        self.bias = getattr(layer, "bias", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        spec = self.__dict__.get("_spec")
+        if (
+            name == "weight"
+            and spec is not None
+            and isinstance(value, torch.Tensor)
+            and value.device.type != "meta"
+        ):
+            self._pack(value)
+            return
+        super().__setattr__(name, value)
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        key, entry, ckpt, origin, path = self._spec
+        mask = ckpt.mask(key)
+        if weight.dim() == 1:  # compressed layout: the kept values
+            if weight.numel() != entry["kept"]:
+                raise StorageError(f"{key}: {weight.numel()} stored values for {entry['kept']} kept weights.")
+            dense = torch.zeros(entry["shape"], dtype=weight.dtype)
+            dense[mask] = weight.detach()
+            weight = dense
+        elif tuple(weight.shape) != entry["shape"]:
+            raise StorageError(
+                f"{key}: the saved mask has shape {list(entry['shape'])} but the weight has {list(weight.shape)}."
+            )
+        state = verified_state(key, entry, mask, weight)
+        object.__setattr__(
+            self, "built", HybridSparseLinear.from_weight(weight, state, None, origin, path=path)
+        )
+
+    def finish(self) -> HybridSparseLinear:
+        """The packed layer, with its bias."""
+        key = self._spec[0]
+        if self.built is None:
+            raise StorageError(f"{key}: its weight was not in the checkpoint, so it could not be packed.")
+        if self.bias is not None:
+            if self.bias.device.type == "meta":
+                raise StorageError(f"{key}: its bias was not in the checkpoint.")
+            self.built.bias = nn.Parameter(self.bias.detach().clone())
+        return self.built
+
+
+def install(model: nn.Module, ckpt: Checkpoint, path: str = "auto") -> set[str]:
+    """Replace the layers ``ckpt`` describes as hybrid 16x16 2:4 by stand-ins; returns their entry names."""
+    keys = set()
+    for key, entry in ckpt.doc["modules"].items():
+        module_name, _, pname = key.rpartition(".")
+        if pname != "weight" or entry["tier_map"] is None or len(entry["shape"]) != 2:
+            continue
+        if entry["block_size"] != 16 or entry["nm"] != "2:4":
+            continue  # the packed format has 16x16 blocks with 2:4 NM tiers; others load as plain layers
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        setattr(parent, child, PackOnLoad(layer, key, entry, ckpt, path))
+        keys.add(key)
+    return keys
+
+
+def finish(model: nn.Module) -> None:
+    """Swap every stand-in for its packed layer."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackOnLoad):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.finish())
