@@ -46,9 +46,10 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..bits import pack_2bit, unpack_2bit
+from ..bits import pack_2bit
 from ..config import parse_nm
 from ..errors import ConfigError, StorageError
 from ..pruning.patterns import TOPK
@@ -79,8 +80,10 @@ def decode_tier_map(entry: Any, where: str) -> torch.Tensor:
     n = math.prod(shape)
     if len(raw) != (n + 3) // 4:
         raise StorageError(f"{where}: tier_map holds {len(raw)} bytes, shape {shape} needs {(n + 3) // 4}.")
-    packed = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
-    codes = unpack_2bit(packed, n)
+    packed = np.frombuffer(raw, dtype=np.uint8)
+    codes = torch.from_numpy(
+        np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:n].copy()
+    )
     if n and int(codes.max()) > TOPK:
         raise StorageError(f"{where}: tier code {int(codes.max())} is out of range (0..{TOPK}).")
     return codes.to(torch.int8).reshape(shape)

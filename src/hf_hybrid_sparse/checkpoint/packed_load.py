@@ -41,7 +41,7 @@ class PackOnLoad(nn.Module):
 
     def _pack(self, weight: torch.Tensor) -> None:
         key, entry, ckpt, origin, path = self._spec
-        mask = ckpt.mask(key)
+        mask, bits = ckpt.mask_and_bits(key)
         if weight.dim() == 1:  # compressed layout: the kept values
             if weight.numel() != entry["kept"]:
                 raise StorageError(f"{key}: {weight.numel()} stored values for {entry['kept']} kept weights.")
@@ -52,7 +52,7 @@ class PackOnLoad(nn.Module):
             raise StorageError(
                 f"{key}: the saved mask has shape {list(entry['shape'])} but the weight has {list(weight.shape)}."
             )
-        state = verified_state(key, entry, mask, weight)
+        state = verified_state(key, entry, mask, weight, bits)
         object.__setattr__(
             self, "built", HybridSparseLinear.from_weight(weight, state, None, origin, path=path)
         )

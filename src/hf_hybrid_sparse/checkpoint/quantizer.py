@@ -82,15 +82,12 @@ class HybridSparseHfQuantizer(HfQuantizer):
                 "hf_hybrid_sparse.checkpoint.recover(folder) or save the model again."
             )
         if self.pre_quantized and files:
-            ckpt = Checkpoint(files)
+            # parsed once, open until the weights are in (packing on load reads masks as weights arrive)
+            self.open_checkpoint = ckpt = Checkpoint(files)
             if ckpt.doc is not None:
                 self.compressed_keys = {k for k, e in ckpt.doc["modules"].items() if e["values"] is not None}
-            if ckpt.doc is not None and getattr(self.quantization_config, "use_kernels", False):
-                # straight into packed layers: the checkpoint stays open while the weights arrive
-                self.packed_keys = packed_load.install(model, ckpt)
-                self.open_checkpoint = ckpt
-            else:
-                ckpt.__exit__(None, None, None)
+                if getattr(self.quantization_config, "use_kernels", False):
+                    self.packed_keys = packed_load.install(model, ckpt)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -107,7 +104,7 @@ class HybridSparseHfQuantizer(HfQuantizer):
                 )
             try:
                 packed_load.finish(model)
-                restore_state(model, files, skip=self.packed_keys)
+                restore_state(model, files, skip=self.packed_keys, ckpt=self.open_checkpoint)
             finally:
                 if self.open_checkpoint is not None:
                     self.open_checkpoint.__exit__(None, None, None)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..bits import unpack_bits
+from ..bits import pack_bits, popcount, unpack_bits
 from ..config import QUANT_METHOD, parse_nm
 from ..errors import ConfigError, StorageError
-from ..pruning.patterns import DENSE, TIER_NAMES, check_hybrid, expand_tiers
+from ..pruning.patterns import DENSE, NM, TIER_NAMES, TOPK, check_hybrid, expand_tiers
 from ..state import ParamSparsity, set_param_state
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, parse_metadata
 
@@ -143,14 +145,18 @@ class Checkpoint:
 
     def mask(self, key: str) -> torch.Tensor:
         """The full keep-mask of module entry ``key`` (either mask layout), in the parameter's shape."""
+        return self.mask_and_bits(key)[0]
+
+    def mask_and_bits(self, key: str) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The keep-mask of ``key`` and, for the full layout, its packed bytes (the checks count bits in them)."""
         entry = self.doc["modules"][key]
         packed = self.tensor(entry["mask"])
         if entry.get("mask_scope", "all") != "nondense":
-            return _unpack(key, packed, entry["shape"])
+            return _unpack(key, packed, entry["shape"]), packed.numpy()
         informative = non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
         mask = torch.ones(entry["shape"], dtype=torch.bool)
         mask[informative] = _unpack(key, packed, (int(informative.sum()),))
-        return mask
+        return mask, None
 
 
 def _first_difference(a: str, b: str) -> str:
@@ -185,23 +191,49 @@ def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, to
     return module, pname, param
 
 
-def verified_state(key: str, entry: dict, mask: torch.Tensor, weight: torch.Tensor | None) -> ParamSparsity:
+_SIGN_FREE = {4: (torch.int32, 0x7FFFFFFF), 2: (torch.int16, 0x7FFF)}
+
+
+def _nonzero_bits(weight: torch.Tensor) -> np.ndarray:
+    """Packed bits (row-major, LSB first) of ``weight != 0``, computed on the raw bits (-0.0 counts as zero)."""
+    w = weight.detach().cpu().contiguous()
+    if w.is_floating_point() and w.element_size() in _SIGN_FREE:
+        int_type, magnitude = _SIGN_FREE[w.element_size()]
+        raw = w.view(int_type).numpy().reshape(-1)
+        return np.packbits((raw & magnitude) != 0, bitorder="little")
+    return np.packbits((w != 0).numpy().reshape(-1), bitorder="little")
+
+
+def verified_state(
+    key: str, entry: dict, mask: torch.Tensor, weight: torch.Tensor | None, bits: np.ndarray | None = None
+) -> ParamSparsity:
     """The :class:`ParamSparsity` of a header ``entry`` after every check against its ``mask`` and ``weight``.
 
     ``weight`` is the loaded parameter (``None`` or on ``meta`` when offloaded: its zeros are not checked).
+    ``bits`` (the packed mask bytes, row-major, LSB first) lets the counts run on bytes: 8x less data.
     """
-    kept = int(mask.sum())
+    if bits is None:
+        bits = pack_bits(mask).numpy()
+    kept = int(popcount(bits).sum(dtype=np.int64))
     if kept != entry["kept"]:
         raise StorageError(f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}.")
     if weight is not None and weight.device.type != "meta":
-        revived = torch.count_nonzero(weight.detach().masked_fill(mask.to(weight.device), 0))
-        if int(revived):
+        revived = int(popcount(_nonzero_bits(weight) & ~bits).sum(dtype=np.int64))
+        if revived:
             raise StorageError(
-                f"{key}: {int(revived)} weights that the mask prunes are not zero; the weights "
+                f"{key}: {revived} weights that the mask prunes are not zero; the weights "
                 "and the mask disagree (edited or mixed-up checkpoint)."
             )
     if entry["tier_map"] is not None:
-        _check_tiers(key, mask, entry["tier_map"], entry)
+        if (
+            len(entry["shape"]) == 2
+            and not entry["transposed"]
+            and entry["block_size"] == 16
+            and entry["nm"] == "2:4"
+        ):
+            _check_tiers_bytes(key, bits, entry)
+        else:
+            _check_tiers(key, mask, entry["tier_map"], entry)
     else:
         _check_pattern(key, mask, entry)
     device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
@@ -217,17 +249,24 @@ def verified_state(key: str, entry: dict, mask: torch.Tensor, weight: torch.Tens
     )
 
 
-def restore_state(model: torch.nn.Module, files: list[str], skip: set[str] | None = None) -> None:
+def restore_state(
+    model: torch.nn.Module, files: list[str], skip: set[str] | None = None, ckpt: Checkpoint | None = None
+) -> None:
     """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``.
 
-    Entries in ``skip`` (layers already restored another way, e.g. packed on load) are left out.
+    Entries in ``skip`` (layers already restored another way, e.g. packed on load) are left out. ``ckpt``
+    reuses an already parsed :class:`Checkpoint` of the same files. The checks of different layers run in
+    parallel (NumPy and torch release the GIL).
     """
-    with Checkpoint(files) as ckpt:
+    own = ckpt is None
+    ckpt = Checkpoint(files) if own else ckpt
+    try:
         if ckpt.doc is None:
             raise StorageError(
                 f"The checkpoint declares quant_method='{QUANT_METHOD}' but its safetensors headers hold no "
                 f"'{METADATA_KEY}' metadata; the files were not written by hf-hybrid-sparse or were edited."
             )
+        jobs = []
         for key, entry in ckpt.doc["modules"].items():
             if skip and key in skip:
                 continue
@@ -237,10 +276,18 @@ def restore_state(model: torch.nn.Module, files: list[str], skip: set[str] | Non
                 raise StorageError(
                     f"{key}: the saved mask has shape {list(entry['shape'])} but the parameter has {list(param.shape)}."
                 )
-            mask = ckpt.mask(key)
+            mask, bits = ckpt.mask_and_bits(key)
             if compressed:
                 param = _fill_from_values(key, module, pname, param, mask, entry)
-            set_param_state(module, pname, verified_state(key, entry, mask, param))
+            jobs.append((key, entry, mask, param, bits, module, pname))
+        workers = max(1, min(torch.get_num_threads(), len(jobs)))
+        with ThreadPoolExecutor(workers) as pool:
+            states = list(pool.map(lambda j: verified_state(*j[:5]), jobs))
+        for job, state in zip(jobs, states):
+            set_param_state(job[5], job[6], state)
+    finally:
+        if own:
+            ckpt.__exit__(None, None, None)
 
 
 def _fill_from_values(key, module, pname, param, mask, entry) -> torch.nn.Parameter:
@@ -272,6 +319,27 @@ def _check_pattern(key: str, mask: torch.Tensor, entry: dict) -> None:
     if (logical.reshape(*logical.shape[:-1], -1, m).sum(-1) > n).any():
         raise StorageError(
             f"{key}: the mask keeps more than {n} of {m} weights in a group (pattern {entry['pattern']})."
+        )
+
+
+def _check_tiers_bytes(key: str, bits: np.ndarray, entry: dict) -> None:
+    """:func:`check_hybrid` for a 2-D 16x16 2:4 entry, counted on the packed bytes (two per block row)."""
+    out_f, in_f = entry["shape"]
+    rows, cols = out_f // 16, in_f // 16
+    tiers = entry["tier_map"].numpy()
+    b = bits.reshape(rows, 16, cols, 2)
+    per_row = popcount(b).astype(np.uint16)
+    counts = np.add.reduce(per_row[..., 0] + per_row[..., 1], axis=1)  # kept per block [rows, cols]
+    if (counts[tiers == DENSE] != 256).any():
+        raise StorageError(f"{key}: the mask does not obey its tier map (a DENSE block has pruned weights).")
+    if (counts[tiers == TOPK] > entry["topk_per_block"]).any():
+        raise StorageError(
+            f"{key}: the mask does not obey its tier map (a TOPK block keeps more than {entry['topk_per_block']} weights)."
+        )
+    nm = (tiers == NM)[:, None, :, None]
+    if (((popcount(b & 0x0F) > 2) | (popcount(b >> 4) > 2)) & nm).any():
+        raise StorageError(
+            f"{key}: the mask does not obey its tier map (an NM block has more than 2 of 4 kept)."
         )
 
 
