@@ -244,9 +244,13 @@ def test_use_kernels_packs_each_layer_as_it_loads(tmp_path, monkeypatch, family,
     packed_while_loading = []
     real = packed_load.PackOnLoad._pack
     monkeypatch.setattr(
-        packed_load.PackOnLoad, "_pack", lambda self, w: packed_while_loading.append(self._spec[0]) or real(self, w)
+        packed_load.PackOnLoad,
+        "_pack",
+        lambda self, w: packed_while_loading.append(self._spec[0]) or real(self, w),
     )
-    fast = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=HybridSparseConfig(use_kernels=True))
+    fast = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", quantization_config=HybridSparseConfig(use_kernels=True)
+    )
     assert sorted(packed_while_loading) == sorted(sparsity_masks(model))  # every layer, packed as it arrived
     layers = [m for m in fast.modules() if isinstance(m, HybridSparseLinear)]
     assert len(layers) == len(packed_while_loading) and not list(sparsity_masks(fast))

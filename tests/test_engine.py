@@ -340,3 +340,34 @@ def test_report_plots_the_tier_maps(tmp_path):
     report = apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude"))
     png = report.plot_tier_maps(model, str(tmp_path / "tiers.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+
+
+def test_layers_fed_the_same_input_share_one_accumulation():
+    model = tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    targets = find_targets(blocks[0], "b0", None, None)
+    emb = model.model.embed_tokens(random_tokens(4, 16))
+    pos = model.model.rotary_emb(emb, torch.arange(16).unsqueeze(0))
+    with collecting(targets, hessian=True) as stats, torch.no_grad():
+        for chunk in torch.split(emb, 2):
+            blocks[0](chunk, position_embeddings=pos, attention_mask=None)
+    by_name = {t.name.rsplit(".", 1)[-1]: stats[t.name] for t in targets}
+    assert by_name["q_proj"] is by_name["k_proj"] is by_name["v_proj"]
+    assert by_name["gate_proj"] is by_name["up_proj"]
+    assert len({id(s) for s in by_name.values()}) == 4  # qkv, o, gate/up, down
+    # the shared statistics are those of the layer's own input
+    x = _first_layer_inputs_block(blocks[0], emb, pos, targets[0].module)
+    assert by_name["q_proj"].tokens == x.shape[0] == 4 * 16
+    assert torch.allclose(by_name["q_proj"].sq_norm, x.pow(2).sum(0), rtol=1e-5)
+    assert torch.allclose(by_name["q_proj"].xtx, x.t() @ x, rtol=1e-4, atol=1e-4)
+
+
+def _first_layer_inputs_block(block, emb, pos, module):
+    seen = []
+    handle = module.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1]))
+    )
+    with torch.no_grad():
+        block(emb, position_embeddings=pos, attention_mask=None)
+    handle.remove()
+    return torch.cat(seen)

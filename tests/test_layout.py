@@ -23,6 +23,7 @@ LEVELS = {
     "config": 1,
     "viz": 1,
     "models": 1,
+    "native": 1,
     "pruning": 2,
     "data": 2,
     "engine": 3,

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hf_hybrid_sparse.pruning.sparsegpt import sparsegpt_prune
+from hf_hybrid_sparse.pruning.sparsegpt import hessian_factor, sparsegpt_prune
 
 
 def _problem(rows=32, cols=64, tokens=512, seed=0):
@@ -108,8 +108,17 @@ def select_nm(n, m):
     return select
 
 
-def _compare(w, h, ref_select, **kwargs):
-    new_w, keep, _ = sparsegpt_prune(w, h, **kwargs)
+@pytest.fixture(params=[False, True], ids=["torch-loop", "native-loop"])
+def native(request):
+    if request.param:
+        from hf_hybrid_sparse import native as ext
+
+        assert ext.available(), "the C++ extension builds here and in CI"
+    return request.param
+
+
+def _compare(w, h, ref_select, native, **kwargs):
+    new_w, keep, _ = sparsegpt_prune(w, h, native=native, **kwargs)
     ref_w, ref_keep = reference(w, h, select=ref_select)
     assert torch.equal(keep, ref_keep), f"{int((keep != ref_keep).sum())} mask entries differ"
     assert (new_w[~keep] == 0).all()
@@ -120,12 +129,13 @@ def _compare(w, h, ref_select, **kwargs):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_unstructured_layer_matches_the_paper(seed):
+def test_unstructured_layer_matches_the_paper(seed, native):
     w, h = _problem(seed=seed)
     _compare(
         w,
         h,
         select_unstructured_layer(0.5, 32),
+        native,
         pattern="unstructured",
         sparsity=0.5,
         group="layer",
@@ -134,12 +144,13 @@ def test_unstructured_layer_matches_the_paper(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_unstructured_row_quota_matches_the_reference(seed):
+def test_unstructured_row_quota_matches_the_reference(seed, native):
     w, h = _problem(seed=seed)
     _compare(
         w,
         h,
         select_unstructured_row(0.5, 16),
+        native,
         pattern="unstructured",
         sparsity=0.5,
         group="row",
@@ -148,9 +159,9 @@ def test_unstructured_row_quota_matches_the_reference(seed):
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
-def test_nm_matches_the_reference(nm):
+def test_nm_matches_the_reference(nm, native):
     w, h = _problem(seed=3)
-    _compare(w, h, select_nm(*nm), pattern="nm", nm=nm, blocksize=32)
+    _compare(w, h, select_nm(*nm), native, pattern="nm", nm=nm, blocksize=32)
 
 
 def test_the_reference_detects_the_defects_it_is_meant_to_catch():
@@ -171,12 +182,76 @@ def test_the_reference_detects_the_defects_it_is_meant_to_catch():
     assert not torch.allclose(w * keep, new_w, atol=1e-3), "the OBS update changes the kept weights"
 
 
+@pytest.mark.parametrize("pattern", ["hybrid", "unstructured"])
+def test_native_and_torch_loops_agree_with_old_masks(pattern):
+    """Hybrid tiers (TOPK per chunk, NM per group on NM rows only) and re-pruning over an old mask."""
+    w, h = _problem(rows=64, cols=128, seed=6)
+    old = torch.rand(64, 128, generator=torch.Generator().manual_seed(1)) > 0.2
+    kw = dict(pattern=pattern, old_mask=old, blocksize=64)
+    a_w, a_keep, a_t = sparsegpt_prune(w, h, native=False, **kw)
+    b_w, b_keep, b_t = sparsegpt_prune(w, h, native=True, **kw)
+    assert torch.equal(a_keep, b_keep) and not (a_keep & ~old).any()
+    assert (a_t is None and b_t is None) or torch.equal(a_t, b_t)
+    assert torch.allclose(a_w, b_w, atol=1e-5 * a_w.abs().max().item())
+
+
 @pytest.mark.parametrize("pattern,kwargs", [("nm", {"nm": (2, 4)}), ("nm", {"nm": (4, 8)})])
-def test_lazy_batch_size_does_not_change_the_result(pattern, kwargs):
+def test_lazy_batch_size_does_not_change_the_result(pattern, kwargs, native):
     """Lazy batching is a reordering of the same updates: any column chunk gives the same masks and weights."""
     w, h = _problem(rows=48, cols=128, seed=5)
-    results = [sparsegpt_prune(w, h, pattern=pattern, blocksize=b, **kwargs) for b in (8, 16, 64, 128)]
+    results = [
+        sparsegpt_prune(w, h, pattern=pattern, blocksize=b, native=native, **kwargs) for b in (8, 16, 64, 128)
+    ]
     base_w, base_keep, _ = results[0]
     for new_w, keep, _ in results[1:]:
         assert torch.equal(keep, base_keep)
         assert torch.allclose(new_w, base_w, atol=1e-4 * base_w.abs().max().item())
+
+
+def test_a_shared_hessian_factor_gives_the_same_result():
+    """q/k/v (and gate/up) see the same input: the factor computed once must change nothing."""
+    w, h = _problem(rows=32, cols=64, seed=7)
+    factor = hessian_factor(h, 0.01)
+    a = sparsegpt_prune(w, h, pattern="hybrid", dampening=0.01)
+    b = sparsegpt_prune(w, factor, pattern="hybrid")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_layers_sharing_an_input_factor_the_hessian_once(monkeypatch):
+    from hf_hybrid_sparse import HybridSparseConfig
+    from hf_hybrid_sparse.pruning import matrix
+    from hf_hybrid_sparse.pruning.scoring import InputStats
+
+    calls = []
+    real = matrix.hessian_factor
+    monkeypatch.setattr(matrix, "hessian_factor", lambda *a: calls.append(1) or real(*a))
+    stats = InputStats(64, torch.device("cpu"), hessian=True)
+    stats.add(torch.randn(256, 64))
+    config = HybridSparseConfig(method="sparsegpt", pattern="hybrid")
+    for seed in range(3):
+        matrix.prune_matrix(torch.randn(32, 64, generator=torch.Generator().manual_seed(seed)), config, stats)
+    assert len(calls) == 1
+    stats.add(torch.randn(8, 64))  # new tokens: the cached factor is stale
+    matrix.prune_matrix(torch.randn(32, 64), config, stats)
+    assert len(calls) == 2
+
+
+def test_a_not_positive_definite_hessian_is_damped_more_and_said(caplog):
+    import logging
+
+    h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05] * 4))  # rounding can leave H slightly indefinite
+    with caplog.at_level(logging.WARNING, logger="hf_hybrid_sparse"):
+        factor = hessian_factor(h, 0.01)
+    assert factor.damp > 0.01
+    assert "not positive definite with dampening=0.01" in caplog.text
+    with pytest.raises(Exception, match="not positive definite even with"):
+        hessian_factor(-torch.eye(16), 0.01)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_transposed_weight_gives_the_same_result(native):
+    """GPT-2's Conv1D hands over ``weight.T``: a non-contiguous view must prune exactly like a copy."""
+    w, h = _problem(rows=32, cols=64, seed=8)
+    a = sparsegpt_prune(w, h, pattern="hybrid", native=native)
+    b = sparsegpt_prune(w.t().contiguous().t(), h.t().contiguous().t(), pattern="hybrid", native=native)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

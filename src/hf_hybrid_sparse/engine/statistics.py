@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -62,6 +63,45 @@ class _ExpertLinearMode(TorchFunctionMode):
             per_expert[expert].add(x)
 
 
+class _SharedInputs:
+    """Accumulates each distinct input tensor once; layers given the same tensor object share its statistics.
+
+    Tensors are remembered by weak reference (nothing is kept alive), so an id reused by a new tensor is
+    never mistaken for the old one.
+    """
+
+    def __init__(self, stats: dict[str, object], hessian: bool) -> None:
+        self.stats = stats
+        self.hessian = hessian
+        self.tensors: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.owner: dict[int, InputStats] = {}
+        self.last: dict[int, weakref.ref] = {}  # id(InputStats) -> the tensor it accumulated last
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        current = self.stats.get(name)
+        if current is None:
+            if (
+                self.tensors.get(id(x)) is x
+            ):  # another layer accumulated this very tensor: share its statistics
+                self.stats[name] = self.owner[id(x)]
+                return
+            current = self.stats[name] = InputStats(x.shape[-1], x.device, self.hessian)
+        else:
+            last = self.last.get(id(current))
+            if last is not None and last() is x:  # a layer sharing these statistics already added this batch
+                return
+        current.add(x)
+        self.tensors[id(x)] = x
+        self.owner[id(x)] = current
+        self.last[id(current)] = weakref.ref(x)
+
+    def check(self) -> None:
+        """Every layer of a block sees the same tokens: a shared accumulation that went wrong shows here."""
+        counts = {name: s.tokens for name, s in self.stats.items() if isinstance(s, InputStats)}
+        if len(set(counts.values())) > 1:
+            raise RuntimeError(f"calibration statistics saw different token counts per layer: {counts}")
+
+
 @contextlib.contextmanager
 def eager_experts(targets: list[Target]) -> Iterator[None]:
     """Run fused expert modules with the per-expert eager loop (observable and exact) in the context."""
@@ -84,8 +124,13 @@ def eager_experts(targets: list[Target]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def collecting(targets: list[Target], hessian: bool) -> Iterator[dict[str, object]]:
-    """Context yielding ``{target.name: InputStats | list[InputStats | None]}`` filled by forwards inside it."""
+    """Context yielding ``{target.name: InputStats | list[InputStats | None]}`` filled by forwards inside it.
+
+    Linear layers that receive the very same input tensor (q/k/v, gate/up) share one :class:`InputStats`:
+    it is accumulated once per forward, not once per layer.
+    """
     stats: dict[str, object] = {}
+    shared = _SharedInputs(stats, hessian)
     handles = []
     watched = []
     for target in targets:
@@ -96,16 +141,14 @@ def collecting(targets: list[Target], hessian: bool) -> Iterator[dict[str, objec
             continue
 
         def hook(module, inputs, output, name=target.name):
-            x = inputs[0]
-            if name not in stats:
-                stats[name] = InputStats(x.shape[-1], x.device, hessian)
-            stats[name].add(x)
+            shared.add(name, inputs[0])
 
         handles.append(target.module.register_forward_hook(hook))
     mode = _ExpertLinearMode(watched, hessian) if watched else contextlib.nullcontext()
     try:
         with mode:
             yield stats
+        shared.check()
     finally:
         for h in handles:
             h.remove()

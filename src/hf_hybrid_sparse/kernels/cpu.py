@@ -1,102 +1,17 @@
-"""The CPU kernel for the packed hybrid format: built on first use, registered as a torch custom op.
+"""The CPU kernel of the packed format: ``torch.ops.hf_hybrid_sparse.hybrid_linear`` / ``hybrid_unpack``.
 
-``hf_hybrid_sparse::hybrid_linear(x, packed, bias, out_features, topk)`` (C++ in ``csrc/hybrid_cpu.cpp``)
-reads each packed byte once for 1-16 tokens and feeds cache-sized unpacked panels to the BLAS for more
-(prefill). It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a
-minute) into torch's extension cache, one build per CPU type; later processes load it in milliseconds.
-
-Set ``HF_HYBRID_SPARSE_KERNEL=reference`` to never build or use it; without a compiler (or when the build
-fails) one warning says so and :class:`~hf_hybrid_sparse.HybridSparseLinear` uses its reference path.
+The C++ lives in ``csrc/hybrid_cpu.cpp``; :mod:`hf_hybrid_sparse.native` builds and loads it on first use
+(about a minute, cached per CPU type). The kernel reads each packed byte once for 1-16 tokens and feeds
+cache-sized unpacked panels to the BLAS for more (prefill).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import platform
-from pathlib import Path
-
 import torch
-from transformers.utils import logging as hf_logging
 
-logger = hf_logging.get_logger(__name__)
+from ..native import ARCH_ENV, ENV, available
 
-SOURCE = Path(__file__).with_name("csrc") / "hybrid_cpu.cpp"
-ENV = "HF_HYBRID_SPARSE_KERNEL"
-#: compiler flags selecting the instruction set (default: this CPU's); e.g. "-march=x86-64-v3" builds the
-#: AVX2 variant (the portable loops), which the tests use to check that path on an AVX-512 machine
-ARCH_ENV = "HF_HYBRID_SPARSE_CPU_ARCH"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _arch_flags() -> list[str]:
-    return os.environ.get(ARCH_ENV, "-march=native").split()
-
-
-def _cpu_fingerprint() -> str:
-    """What the build depends on: the source, torch, the flags and the CPU's instruction sets."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((ln for ln in fh if ln.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    digest = hashlib.sha256()
-    for part in (
-        SOURCE.read_bytes(),
-        torch.__version__.encode(),
-        flags.encode(),
-        platform.machine().encode(),
-    ):
-        digest.update(part)
-    return digest.hexdigest()[:12]
-
-
-@functools.cache
-def load() -> bool:
-    """Build (first time) and load the extension; ``False`` (with one warning) where that is impossible."""
-    if os.environ.get(ENV, "auto") == "reference":
-        return False
-    if hasattr(torch.ops.hf_hybrid_sparse, "hybrid_linear"):
-        return True
-    try:
-        from torch.utils.cpp_extension import load as build
-
-        build(
-            name=f"hf_hybrid_sparse_cpu_{_cpu_fingerprint()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", *_arch_flags(), "-fopenmp", "-std=c++17"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # noqa: BLE001 - no compiler, failed build: the reference path still works
-        logger.warning(
-            f"hf-hybrid-sparse: the CPU kernel could not be built ({type(exc).__name__}: {str(exc)[:300]}); "
-            "HybridSparseLinear uses the slower reference path. Install a C++ compiler (g++) to get it."
-        )
-        return False
-    _register_fake()
-    return True
-
-
-def _register_fake() -> None:
-    """Shapes for torch.compile / meta tensors: y is [tokens, out_features] in x's dtype."""
-    try:
-        torch.library.register_fake("hf_hybrid_sparse::hybrid_linear")(
-            lambda x, packed, bias, out_features, topk: x.new_empty((x.shape[0], out_features))
-        )
-        torch.library.register_fake("hf_hybrid_sparse::hybrid_unpack")(
-            lambda packed, out_features, in_features, topk: packed[0].new_empty((out_features, in_features))
-        )
-    except RuntimeError:  # registered already (a second load in the same process)
-        pass
-
-
-def available() -> bool:
-    """Whether the CPU kernel is usable in this process (builds it on first call)."""
-    return load()
+__all__ = ["ARCH_ENV", "ENV", "available", "linear", "unpack"]
 
 
 def linear(

@@ -10,7 +10,7 @@ from ..config import HybridSparseConfig
 from ..errors import ModelStructureError
 from .patterns import assign_tiers, block_scores, check_tileable, hybrid_mask, nm_mask, unstructured_mask
 from .scoring import InputStats, demote_pruned, magnitude_scores, wanda_scores
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import hessian_factor, sparsegpt_prune
 
 
 @dataclass
@@ -64,7 +64,9 @@ def prune_matrix(
         nm = config.pattern_nm
         new_w, mask, tiers = sparsegpt_prune(
             W,
-            stats.hessian(),
+            stats.derived(
+                ("sparsegpt", config.dampening), lambda: hessian_factor(stats.hessian(), config.dampening)
+            ),
             pattern="nm" if nm else config.pattern,
             sparsity=config.sparsity,
             group=config.comparison_group,

@@ -19,12 +19,20 @@ class InputStats:
             torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         )
         self.tokens = 0
+        self._derived: dict[object, object] = {}  # e.g. SparseGPT's Hessian factor, shared by q/k/v
+
+    def derived(self, key: object, compute):
+        """``compute()``, cached until the next :meth:`add` (layers sharing these statistics reuse it)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs; any leading shape, last dim = ``in_features``."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sq_norm.device, dtype=torch.float32)
         if x.shape[0] == 0:
             return
+        self._derived.clear()
         self.sq_norm += x.pow(2).sum(dim=0)
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)

@@ -9,31 +9,70 @@ N:M groups. Each pruned weight's error is spread over the not-yet-processed colu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 
 from ..errors import PruningError
+from ..native import available as use_native
 from .patterns import NM, TOPK, _sorted_keep, assign_tiers, block_scores, expand_tiers, topk_block_mask
 from .scoring import demote_pruned
 
+logger = logging.get_logger(__name__)
 
-def _inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``; retries with more damping if H is not PD."""
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What SparseGPT needs from a Hessian, computed once per input (layers fed the same input share it).
+
+    ``dead``: inputs that were always zero (their weights are zeroed); ``hinv``: upper Cholesky factor of
+    ``(H + damp I)^-1`` with the dead diagonal set to 1; ``damp``: the relative dampening that worked.
+    """
+
+    dead: torch.Tensor
+    hinv: torch.Tensor
+    damp: float
+
+
+def hessian_factor(hessian: torch.Tensor, dampening: float) -> HessianFactor:
+    """Factor ``hessian`` (``2 X^T X / n``) for :func:`sparsegpt_prune`; more damping if it is not PD."""
+    H = hessian.detach().float().clone(memory_format=torch.contiguous_format)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    hinv, damp = _inverse_hessian_factor(H, dampening)
+    return HessianFactor(dead, hinv, damp)
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` and the damping used; retries with 10x more if not PD."""
     diag_mean = torch.diag(hessian).mean()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = dampening
     for _ in range(6):
         try:
             chol = torch.linalg.cholesky(hessian + damp * diag_mean * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+            factor = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+            if damp != dampening:
+                logger.warning(
+                    "SparseGPT: the Hessian (%d inputs) was not positive definite with dampening=%g; "
+                    "used %g. More calibration tokens or a larger `dampening` avoid this.",
+                    hessian.shape[0],
+                    dampening,
+                    damp,
+                )
+            return factor, damp
         except torch.linalg.LinAlgError:
             damp = max(damp * 10.0, 1e-4)
-    raise PruningError("SparseGPT: the Hessian is not positive definite even with strong dampening.")
+    raise PruningError(
+        f"SparseGPT: the Hessian ({hessian.shape[0]} inputs) is not positive definite even with "
+        f"dampening={damp / 10:g}; calibrate on more tokens or check the inputs for NaN/constant columns."
+    )
 
 
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     *,
     pattern: str,
     sparsity: float = 0.5,
@@ -47,20 +86,23 @@ def sparsegpt_prune(
     old_mask: torch.Tensor | None = None,
     dampening: float = 0.01,
     blocksize: int = 128,
+    native: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prune ``weight`` (``[out, in]``) with the OBS update; returns ``(new_weight, keep_mask, tier_map)``.
 
     ``pattern`` is ``"unstructured"``, ``"nm"`` (N:M everywhere, ``nm`` gives N and M) or ``"hybrid"``.
-    ``hessian`` is ``2 X^T X / n`` in fp32. ``old_mask`` (keep-mask of an earlier pruning) is honoured:
-    weights it removed stay removed.
+    ``hessian`` is ``2 X^T X / n`` in fp32, or its :func:`hessian_factor` (then ``dampening`` is unused), which
+    layers fed the same input share. ``old_mask`` (keep-mask of an earlier pruning) is honoured:
+    weights it removed stay removed. ``native`` runs each chunk's sequential column loop in C++ (default:
+    when :mod:`hf_hybrid_sparse.native` is available); the PyTorch loop gives the same result up to rounding.
     """
-    W = weight.detach().clone().float()
+    if native is None:
+        native = use_native()
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
-    H = hessian.detach().clone().float().to(W.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, dampening)
+    dead, hinv = factor.dead.to(W.device), factor.hinv.to(W.device)
     W[:, dead] = 0.0
-    hinv = _inverse_hessian_factor(H, dampening)
     diag = torch.diag(hinv)
     n_keep, m = nm
     old = old_mask.to(W.device) if old_mask is not None else None
@@ -84,8 +126,7 @@ def sparsegpt_prune(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].clone(memory_format=torch.contiguous_format)
         Err1 = torch.zeros_like(W1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
@@ -107,6 +148,19 @@ def sparsegpt_prune(
             nm_rows = per_weight_tier[:, i1:i2] == NM
         if old is not None:
             prune1 |= ~old[:, i1:i2]
+        if native and W1.device.type == "cpu":
+            nm_n, nm_m = (n_keep, m) if pattern in ("nm", "hybrid") else (0, 0)
+            chunk_old = None if old is None else old[:, i1:i2].contiguous()
+            torch.ops.hf_hybrid_sparse.sparsegpt_chunk(
+                W1, hinv1.contiguous(), prune1, Err1, nm_n, nm_m, nm_rows, chunk_old
+            )
+            W[:, i1:i2] = W1 * ~prune1
+            keep[:, i1:i2] = ~prune1
+            if i2 < cols:
+                W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]
+            continue
+        # err_i = (w_i - q_i) / d_i = w_i * prune_i / d_i: one scale per weight, refreshed when N:M picks a group
+        scale = prune1.to(W1.dtype) / d1.unsqueeze(0)
         for i in range(count):
             if pattern in ("nm", "hybrid") and i % m == 0:
                 group_keep = _sorted_keep(saliency(W1[:, i : i + m], d1[i : i + m], i1 + i), n_keep)
@@ -114,13 +168,11 @@ def sparsegpt_prune(
                 if nm_rows is not None:
                     new_prune &= nm_rows[:, i : i + m]
                 prune1[:, i : i + m] |= new_prune
-            w = W1[:, i]
-            q = torch.where(prune1[:, i], torch.zeros_like(w), w)
-            Q1[:, i] = q
-            err = (w - q) / hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+                scale[:, i : i + m] = prune1[:, i : i + m].to(W1.dtype) / d1[i : i + m].unsqueeze(0)
+            err = torch.mul(W1[:, i], scale[:, i], out=Err1[:, i])
+            # the OBS update of this and the later columns; column i becomes q_i (pruned: ~0, zeroed below)
+            W1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)
+        W[:, i1:i2] = W1 * ~prune1
         keep[:, i1:i2] = ~prune1
         if i2 < cols:
             W[:, i2:] -= Err1 @ hinv[i1:i2, i2:]

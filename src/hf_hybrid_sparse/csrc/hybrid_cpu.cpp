@@ -836,12 +836,81 @@ at::Tensor hybrid_unpack(std::vector<at::Tensor> t, int64_t out, int64_t in, int
 
 bool has_avx512() { return HS_AVX512 != 0; }
 
+// -- SparseGPT: the sequential part of one column chunk -------------------------------------------------
+// Rows are independent: for each row, walk the chunk's columns; at the start of every group of m columns
+// (m > 0) pick the n most salient weights (w^2 / d^2 of the current, updated weights; earlier index wins
+// ties; weights `old` pruned rank last) among the rows `nm_rows` allows, prune the rest; then
+// err_i = w_i * prune_i / d_i and w_j -= err_i * hinv[i][j] for j >= i. Columns of pruned weights end as
+// q_i = 0 up to rounding: the caller multiplies by the keep-mask.
+void sparsegpt_chunk(at::Tensor w, const at::Tensor& hinv, at::Tensor prune, at::Tensor err, int64_t n, int64_t m,
+                     const c10::optional<at::Tensor>& nm_rows, const c10::optional<at::Tensor>& old) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && hinv.scalar_type() == at::kFloat && err.scalar_type() == at::kFloat,
+              "sparsegpt_chunk: fp32 tensors expected");
+  TORCH_CHECK(prune.scalar_type() == at::kBool, "sparsegpt_chunk: prune must be bool");
+  TORCH_CHECK(w.is_contiguous() && hinv.is_contiguous() && prune.is_contiguous() && err.is_contiguous(),
+              "sparsegpt_chunk: contiguous tensors expected");
+  const int64_t rows = w.size(0), B = w.size(1);
+  TORCH_CHECK(hinv.size(0) == B && hinv.size(1) == B && prune.sizes() == w.sizes() && err.sizes() == w.sizes(),
+              "sparsegpt_chunk: shapes disagree");
+  TORCH_CHECK(m == 0 || (B % m == 0 && n >= 0 && n <= m), "sparsegpt_chunk: bad N:M");
+  const bool* nmr = nullptr;
+  const bool* oldp = nullptr;
+  at::Tensor nm_c, old_c;
+  if (nm_rows.has_value() && nm_rows->defined()) {
+    nm_c = nm_rows->contiguous();
+    nmr = nm_c.data_ptr<bool>();
+  }
+  if (old.has_value() && old->defined()) {
+    old_c = old->contiguous();
+    oldp = old_c.data_ptr<bool>();
+  }
+  float* W = w.data_ptr<float>();
+  const float* H = hinv.data_ptr<float>();
+  bool* P = prune.data_ptr<bool>();
+  float* E = err.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* wr = W + r * B;
+      bool* pr = P + r * B;
+      for (int64_t i = 0; i < B; ++i) {
+        if (m > 0 && i % m == 0) {
+          float score[64];
+          for (int64_t j = 0; j < m; ++j) {
+            const float d = H[(i + j) * B + i + j];
+            score[j] = wr[i + j] * wr[i + j] / (d * d);
+            if (oldp && !oldp[r * B + i + j]) score[j] = -1.0f;
+          }
+          for (int64_t j = 0; j < m; ++j) {  // rank of j among the group: keep the n highest
+            int64_t above = 0;
+            for (int64_t k = 0; k < m; ++k)
+              if (score[k] > score[j] || (score[k] == score[j] && k < j)) ++above;
+            const bool allowed = nmr == nullptr || nmr[r * B + i + j];
+            if (above >= n && allowed) pr[i + j] = true;
+          }
+        }
+        const float e = pr[i] ? wr[i] / H[i * B + i] : 0.f;
+        E[r * B + i] = e;
+        if (e == 0.f) continue;
+        const float* hi = H + i * B;
+        int64_t j = i;
+#if HS_AVX512
+        const __m512 ev = _mm512_set1_ps(e);
+        for (; j + 16 <= B; j += 16)
+          _mm512_storeu_ps(wr + j, _mm512_fnmadd_ps(ev, _mm512_loadu_ps(hi + j), _mm512_loadu_ps(wr + j)));
+#endif
+        for (; j < B; ++j) wr[j] -= e * hi[j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_hybrid_sparse, m) {
   m.def("hybrid_linear(Tensor x, Tensor[] packed, Tensor? bias, int out_features, int topk) -> Tensor");
   m.def("hybrid_unpack(Tensor[] packed, int out_features, int in_features, int topk) -> Tensor");
   m.def("has_avx512() -> bool", has_avx512);
+  m.def("sparsegpt_chunk(Tensor(a!) w, Tensor hinv, Tensor(b!) prune, Tensor(c!) err, int n, int m, Tensor? nm_rows, Tensor? old) -> ()");
   m.def("set_panel_bytes(int bytes) -> ()", set_panel_bytes);
 
 }
@@ -849,4 +918,5 @@ TORCH_LIBRARY(hf_hybrid_sparse, m) {
 TORCH_LIBRARY_IMPL(hf_hybrid_sparse, CPU, m) {
   m.impl("hybrid_linear", hybrid_linear);
   m.impl("hybrid_unpack", hybrid_unpack);
+  m.impl("sparsegpt_chunk", sparsegpt_chunk);
 }
