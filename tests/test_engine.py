@@ -359,7 +359,7 @@ def test_layers_fed_the_same_input_share_one_accumulation():
     x = _first_layer_inputs_block(blocks[0], emb, pos, targets[0].module)
     assert by_name["q_proj"].tokens == x.shape[0] == 4 * 16
     assert torch.allclose(by_name["q_proj"].sq_norm, x.pow(2).sum(0), rtol=1e-5)
-    assert torch.allclose(by_name["q_proj"].xtx, x.t() @ x, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(by_name["q_proj"].gram(), x.t() @ x, rtol=1e-4, atol=1e-4)
 
 
 def _first_layer_inputs_block(block, emb, pos, module):
@@ -371,3 +371,17 @@ def _first_layer_inputs_block(block, emb, pos, module):
         block(emb, position_embeddings=pos, attention_mask=None)
     handle.remove()
     return torch.cat(seen)
+
+
+@pytest.mark.parametrize("width", [64, 300, 1100])
+def test_the_gram_matrix_is_the_full_product(width):
+    """Only the upper block triangle is accumulated; gram() and hessian() must equal X^T X for any width."""
+    g = torch.Generator().manual_seed(width)
+    batches = [torch.randn(n, width, generator=g) * torch.linspace(0.1, 3, width) for n in (37, 64, 5)]
+    stats = InputStats(width, torch.device("cpu"), hessian=True)
+    for x in batches:
+        stats.add(x)
+    x = torch.cat(batches).double()
+    assert torch.allclose(stats.gram().double(), x.t() @ x, rtol=1e-5, atol=1e-3)
+    assert torch.equal(stats.gram(), stats.gram().t())
+    assert torch.allclose(stats.hessian().double(), 2 * x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-4)

