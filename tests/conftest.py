@@ -51,3 +51,13 @@ def tiny_checkpoint(tmp_path, smollm2):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
+
+
+@pytest.fixture(autouse=True)
+def _package_logs_reach_caplog():
+    """The package logs under the `transformers` logger, which does not propagate; caplog listens at root."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    yield
+    hf_logging.disable_propagation()

@@ -232,7 +232,8 @@ def test_every_recipe_field_is_a_flag_of_prune_and_progressive():
         "block_size": ("32", 32),
         "tier_ratios": ("0.5,0.3,0.2", (0.5, 0.3, 0.2)),
         "tier_group": ("row", "row"),
-        "nm": ("2:8", "2:8"),
+        "nm": ("6:8", "2:8"),  # read with nm_convention=prune, stored in the kept form
+        "nm_convention": ("prune", "keep"),
         "topk_per_block": ("7", 7),
         "indivisible": ("skip", "skip"),
         "nsamples": ("3", 3),

@@ -82,3 +82,24 @@ def test_parse_nm():
 def test_unknown_field_rejected():
     with pytest.raises(ConfigError, match="Unknown HybridSparseConfig field"):
         HybridSparseConfig.from_dict({"sparsity": 0.5, "bogus": 1})
+
+
+def test_nm_conventions_are_explicit_where_they_differ():
+    """NVIDIA counts N kept, SparseGPT/Wanda count N pruned: 2:4 and 4:8 mean the same, 3:4 does not."""
+    assert HybridSparseConfig(pattern="2:4").pattern_nm == (2, 4)
+    assert HybridSparseConfig(pattern="4:8", nm_convention="prune").pattern_nm == (4, 8)
+    with pytest.raises(ConfigError, match=r"ambiguous.*keep 3 of every 4.*prune 3 of every 4.*nm_convention"):
+        HybridSparseConfig(pattern="3:4")
+    with pytest.raises(ConfigError, match=r"nm='1:4' is ambiguous"):
+        HybridSparseConfig(nm="1:4")
+    keep = HybridSparseConfig(pattern="3:4", nm_convention="keep")
+    prune = HybridSparseConfig(pattern="1:4", nm_convention="prune")
+    assert keep.pattern_nm == prune.pattern_nm == (3, 4)
+    # stored in the kept form, so the saved recipe reads back the same
+    assert prune.pattern == "3:4" and prune.nm_convention == "keep"
+    assert HybridSparseConfig.from_dict(prune.to_dict()) == prune
+    assert HybridSparseConfig(nm="6:8", nm_convention="prune").nm_tuple == (2, 8)
+    with pytest.raises(ConfigError, match="needs 0 <= N < M"):
+        HybridSparseConfig(pattern="4:4", nm_convention="prune")
+    with pytest.raises(ConfigError, match="choose 'keep' or 'prune'"):
+        HybridSparseConfig(nm_convention="kept")

@@ -19,6 +19,7 @@ LEVELS = {
     "version": 0,
     "bits": 0,
     "devices": 0,
+    "logs": 0,
     "state": 1,
     "config": 1,
     "viz": 1,

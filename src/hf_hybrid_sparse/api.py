@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from .checkpoint.quantizer import attach
 from .config import HybridSparseConfig
@@ -14,9 +13,10 @@ from .data.calibration import DEFAULT_CALIBRATION
 from .engine.report import SparsityReport
 from .engine.sequential import prune_model
 from .errors import PruningError
+from .logs import get_logger
 from .state import iter_sparse_params
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 @torch.no_grad()

@@ -21,8 +21,11 @@ GROUPS = ("row", "layer")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
+NM_CONVENTIONS = ("keep", "prune")
+
+
 def parse_nm(text: str) -> tuple[int, int]:
-    """Parse an ``"N:M"`` string (N kept weights out of every M) into ``(N, M)``."""
+    """Parse a canonical ``"N:M"`` string (N *kept* of every M, as stored in checkpoints) into ``(N, M)``."""
     match = _NM_RE.match(str(text))
     if not match:
         raise ConfigError(f"N:M pattern {text!r} is not of the form 'N:M' (e.g. '2:4': keep 2 of every 4).")
@@ -32,6 +35,17 @@ def parse_nm(text: str) -> tuple[int, int]:
     if n > m:
         raise ConfigError(f"N:M pattern {text!r}: N={n} > M={m}; N counts the kept weights, so N <= M.")
     return n, m
+
+
+def _parse_pruned(text: str) -> tuple[int, int]:
+    """``"N:M"`` with N *pruned* of every M, as ``(kept, M)``."""
+    match = _NM_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"N:M pattern {text!r} is not of the form 'N:M' (e.g. '2:4').")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 <= n < m:
+        raise ConfigError(f"N:M pattern {text!r} read as 'prune N of M' needs 0 <= N < M.")
+    return m - n, m
 
 
 @dataclass
@@ -47,6 +61,10 @@ class HybridSparseConfig(QuantizationConfigMixin):
         tier_ratios: fractions of blocks that are DENSE, NM, TOPK; non-negative, summing to 1.
         tier_group: rank blocks across the whole ``"layer"`` or within each block-``"row"``.
         nm: the N:M pattern inside NM blocks (along the input dimension).
+        nm_convention: what N counts in ``pattern``/``nm`` when they could be read two ways: ``"keep"``
+            (NVIDIA: ``"3:4"`` keeps 3) or ``"prune"`` (SparseGPT/Wanda/llm-compressor: ``"3:4"`` prunes 3).
+            Needed only when N != M/2 (``"2:4"``, ``"4:8"`` mean the same either way); the config then
+            stores the kept form (``nm_convention="keep"``).
         topk_per_block: weights kept in a TOPK block.
         indivisible: what to do with a layer whose shape does not divide into blocks (or M):
             ``"error"`` (default) or ``"skip"`` (leave it dense and say so in the report).
@@ -94,6 +112,14 @@ class HybridSparseConfig(QuantizationConfigMixin):
         },
     )
     nm: str = field(default="2:4", metadata={"help": "N:M pattern inside NM blocks, along the input."})
+    nm_convention: str | None = field(
+        default=None,
+        metadata={
+            "help": "What N counts in an N:M with N != M/2: keep (NVIDIA, 3:4 keeps 3) or prune "
+            "(SparseGPT/Wanda, 3:4 prunes 3). Not needed for 2:4 or 4:8.",
+            "choices": list(NM_CONVENTIONS),
+        },
+    )
     topk_per_block: int = field(default=15, metadata={"help": "Weights kept in a TOPK block."})
     indivisible: str = field(
         default="error",
@@ -145,7 +171,27 @@ class HybridSparseConfig(QuantizationConfigMixin):
 
     def __post_init__(self) -> None:
         self._normalize_types()
+        self._canonical_nm()
         self.validate()
+
+    def _canonical_nm(self) -> None:
+        """Rewrite ``pattern``/``nm`` in the kept form; refuse an N:M whose meaning depends on the convention."""
+        if self.nm_convention is not None and self.nm_convention not in NM_CONVENTIONS:
+            raise ConfigError(f"nm_convention={self.nm_convention!r}; choose 'keep' or 'prune'.")
+        for name in ("pattern", "nm"):
+            text = getattr(self, name)
+            if name == "pattern" and text in ("unstructured", "hybrid"):
+                continue
+            n, m = parse_nm(text) if self.nm_convention != "prune" else _parse_pruned(text)
+            if self.nm_convention is None and n < m and 2 * n != m:  # both readings valid, and they differ
+                raise ConfigError(
+                    f"{name}={text!r} is ambiguous: NVIDIA's convention reads it as keep {n} of every {m}, "
+                    f"SparseGPT/Wanda/llm-compressor's as prune {n} of every {m} (keep {m - n}). Say which "
+                    "with nm_convention='keep' or nm_convention='prune'."
+                )
+            setattr(self, name, f"{n}:{m}")
+        if self.nm_convention == "prune":
+            self.nm_convention = "keep"
 
     def _normalize_types(self) -> None:
         """Coerce values that mean the same (``16.0`` -> ``16``, tuples -> lists); refuse the rest, naming the field."""

@@ -18,9 +18,10 @@ import platform
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 
-logger = hf_logging.get_logger(__name__)
+from .logs import get_logger
+
+logger = get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "hybrid_cpu.cpp"
 ENV = "HF_HYBRID_SPARSE_KERNEL"

@@ -34,11 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging as hf_logging
-
 from ..errors import StorageError
+from ..logs import get_logger
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 REPORT_FILE = "hybrid_sparse_report.json"
 PENDING_FILE = ".hf_hybrid_sparse_pending.json"

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from ..config import HybridSparseConfig
 from ..data.calibration import DEFAULT_CALIBRATION, get_calibration_samples
 from ..devices import execution_device
 from ..errors import PruningError
+from ..logs import get_logger, tqdm
 from ..pruning.matrix import prune_matrix
 from ..pruning.patterns import TIER_NAMES
 from ..state import ParamSparsity, get_state, set_param_state
@@ -29,7 +29,7 @@ from .planning import Plan, matrices, plan
 from .report import ModuleReport, SparsityReport
 from .statistics import collecting, eager_experts
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 def _logical(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -134,7 +134,7 @@ def _walk(
 
     was_training = model.training
     model.eval()
-    bar = hf_logging.tqdm(total=len(blocks), desc="Pruning blocks", unit="block")
+    bar = tqdm(total=len(blocks), desc="Pruning blocks", unit="block")
     try:
         for i, block in enumerate(blocks):
             block_name = f"{p.blocks_path}.{i}"

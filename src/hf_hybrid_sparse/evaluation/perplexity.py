@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from ..data.calibration import check_seqlen, resolve_texts_or_tokens, tokenize_joined
 from ..data.corpora import SOURCES, NamedSet, eval_tokens, named
 from ..devices import input_device
 from ..errors import CalibrationError
+from ..logs import get_logger, tqdm
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def perplexity(
     windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
     device = input_device(model)
     total = 0.0
-    for start in hf_logging.tqdm(range(0, n_windows, batch_size), desc="Perplexity", unit="batch"):
+    for start in tqdm(range(0, n_windows, batch_size), desc="Perplexity", unit="batch"):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(

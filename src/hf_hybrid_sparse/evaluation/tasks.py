@@ -18,13 +18,13 @@ import string
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from ..data.corpora import NamedSet, gsm8k_prompt, named, squad_prompt
 from ..devices import input_device
 from ..errors import CalibrationError
+from ..logs import get_logger, tqdm
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 def normalize_answer(text: str) -> str:
@@ -107,7 +107,7 @@ def generate(
     device = input_device(model)
     outputs = []
     try:
-        for start in hf_logging.tqdm(range(0, len(prompts), batch_size), desc="Generating", unit="batch"):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="Generating", unit="batch"):
             chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(

@@ -22,17 +22,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from ..config import parse_nm
 from ..errors import HybridSparseError, PackingError
+from ..logs import get_logger
 from ..pruning.patterns import DENSE, NM, TOPK
 from ..state import ParamSparsity, clear_state, get_state, set_param_state
 from . import cpu
 from .packing import BLOCK, FIELDS, PACK_FORMAT_VERSION, PackedHybrid, canonical_nm, pack, unpack
 from .triton_decode import MAX_DECODE_TOKENS, decode, triton_available
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PATHS = ("auto", "reference", "cpu", "triton")
 
@@ -165,7 +165,7 @@ class HybridSparseLinear(nn.Module):
         if wants == "auto":
             wants = os.environ.get(cpu.ENV, "auto")
             if wants not in PATHS:
-                raise HybridSparseError(f"{cpu.ENV}={wants!r}; choose auto, reference or cpu.")
+                raise HybridSparseError(f"{cpu.ENV}={wants!r}; choose one of {PATHS}.")
         if wants == "reference" or (torch.is_grad_enabled() and x.requires_grad):
             return "reference"
         dtype_ok = self.dense_vals.dtype in KERNEL_DTYPES

@@ -12,14 +12,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.utils import logging
 
 from ..errors import PruningError
+from ..logs import get_logger
 from ..native import available as use_native
 from .patterns import NM, TOPK, _sorted_keep, assign_tiers, block_scores, expand_tiers, topk_block_mask
 from .scoring import demote_pruned
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)

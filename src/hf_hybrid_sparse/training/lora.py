@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from ..errors import HybridSparseError, SparsityError
+from ..logs import get_logger
 from ..state import apply_masks, get_state, iter_sparse_params
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 MODES = ("masked", "remask")
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("hf_hybrid_sparse_lora_mode", default="masked")
@@ -124,7 +124,8 @@ def removed_fraction(module, adapter: str) -> float:
     """Share of the Frobenius norm of an adapter's update that the masks remove (0 for masked adapters)."""
     if isinstance(module.lora_variant.get(adapter), MaskedLoraVariant):
         return 0.0
-    delta = module.get_delta_weight(adapter).float()
+    with torch.no_grad():
+        delta = module.get_delta_weight(adapter).float()
     total = float(delta.norm()) or 1.0
     return float((delta * ~_base_mask(module).to(delta.device)).norm()) / total
 

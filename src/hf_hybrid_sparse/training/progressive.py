@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from ..api import apply_hybrid_sparsity
 from ..checkpoint.saving import save_pruned
@@ -31,11 +30,12 @@ from ..config import HybridSparseConfig
 from ..data.calibration import lm_dataset
 from ..errors import HybridSparseError
 from ..evaluation.perplexity import perplexity
+from ..logs import get_logger
 from .lora import get_sparse_peft_model, merge_sparse_lora
 from .schedule import Iteration, schedule_fingerprint
 from .trainer import SparseTrainer
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 PROGRESS_FILE = "progress.json"
 RUN_FILE = "run.json"
 

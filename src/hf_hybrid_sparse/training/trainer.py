@@ -14,20 +14,21 @@ At the end of training every pruned weight is checked to be exactly zero and the
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.utils import logging as hf_logging
 
 from ..checkpoint.reader import Checkpoint
 from ..engine.discovery import find_decoder_blocks, find_targets
 from ..errors import SparsityError
+from ..logs import get_logger
 from ..state import ParamSparsity, iter_sparse_params, set_param_state
 
-logger = hf_logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 def _local(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -193,14 +194,29 @@ class SparseTrainer(Trainer):
         self.sparsity_callback = SparsityMaskCallback(
             derive_from_zeros=derive_masks_from_zeros, allow_dense=allow_dense
         )
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [self.sparsity_callback]
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        # Trainer's own parameters, positional or not, so `callbacks` can be extended wherever it was given
+        bound = _TRAINER_SIGNATURE.bind(self, *args, **kwargs)
+        bound.arguments["callbacks"] = list(bound.arguments.get("callbacks") or []) + [self.sparsity_callback]
+        super().__init__(*bound.args[1:], **bound.kwargs)
         # fail on bad input before any training work starts
         self.sparsity_callback.attach(self.model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         check_checkpoint_masks(self.model, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+
+_TRAINER_SIGNATURE = inspect.signature(Trainer.__init__)
+# `inspect.signature(SparseTrainer)` shows Trainer's parameters followed by this class's own keyword-only ones
+SparseTrainer.__init__.__signature__ = _TRAINER_SIGNATURE.replace(
+    parameters=[
+        p for p in _TRAINER_SIGNATURE.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    + [
+        inspect.Parameter("derive_masks_from_zeros", inspect.Parameter.KEYWORD_ONLY, default=True),
+        inspect.Parameter("allow_dense", inspect.Parameter.KEYWORD_ONLY, default=False),
+    ]
+)
 
 
 def check_checkpoint_masks(model: nn.Module, checkpoint_dir: str) -> None:
