@@ -338,8 +338,15 @@ def test_report_plots_the_tier_maps(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the [viz] extra")
     model = tiny_model("llama")
     report = apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude"))
-    png = report.plot_tier_maps(model, str(tmp_path / "tiers.png"))
+    (png,) = report.plot_tier_maps(model, str(tmp_path / "tiers.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    from hf_hybrid_sparse.viz import plot_tier_maps
+
+    maps = tier_maps(model)
+    pages = plot_tier_maps(maps, tmp_path / "t.png", modules_per_page=4)
+    n = -(-len(maps) // 4)
+    assert len(maps) > 4 and [p.name for p in pages] == [f"t-{i}of{n}.png" for i in range(1, n + 1)]
+    assert all(p.stat().st_size > 2000 for p in pages)  # every module is drawn, on some page
 
 
 def test_layers_fed_the_same_input_share_one_accumulation():

@@ -31,6 +31,9 @@ def test_report_command_table_and_json(saved, capsys):
     folder, _, report = saved
     assert main(["report", str(folder)]) == 0
     out = capsys.readouterr().out
+    assert f"sparsity {report.sparsity:.2%}" in out and "model.layers.1.mlp.down_proj.weight" not in out
+    assert main(["report", str(folder), "--table"]) == 0
+    out = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj.weight" in out and f"{report.sparsity:.2%}" in out
     assert main(["report", str(folder), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -54,16 +57,56 @@ def test_report_on_a_plain_folder_fails_clearly(tmp_path, capsys):
         read_sparsity_summary(tmp_path)
 
 
-def test_model_card_metadata_parses(saved):
+def test_model_card_metadata_round_trips_through_model_card_load(saved, tmp_path):
     folder, _, report = saved
+    metrics = {"perplexity": 12.5, "c4 perplexity": {"value": 20.25, "dataset": "c4", "type": "perplexity"}}
     text = render_model_card(
-        folder, "someone/tiny-hybrid", base_model="someone/tiny", metrics={"perplexity": 12.5}
+        folder, "someone/tiny-hybrid", base_model="someone/tiny", metrics=metrics, eval_dataset="wikitext2"
     )
-    card = ModelCard(text)
+    (tmp_path / "README.md").write_text(text)
+    card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "someone/tiny"
-    assert card.data.eval_results[0].metric_value == 12.5
-    assert "hf-hybrid-sparse" in card.data.tags
+    assert "hf-hybrid-sparse" in card.data.tags and "hybrid" in card.data.tags
+    wiki, c4 = card.data.eval_results
+    assert (wiki.metric_value, wiki.dataset_type, wiki.dataset_config, wiki.dataset_split) == (
+        12.5,
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "test",
+    )
+    assert (c4.metric_value, c4.metric_type, c4.dataset_type, c4.dataset_split) == (
+        20.25,
+        "perplexity",
+        "allenai/c4",
+        "validation",
+    )
     assert "model.layers.0.self_attn.q_proj.weight" in text and f"{100 * report.sparsity:.2f}%" in text
+    assert "http" not in text  # no links that could be dead
+    # a hybrid model's target `sparsity` field is unused: the card shows the measured figure only
+    assert "| `sparsity` |" not in text and "| measured sparsity |" in text
+    with pytest.raises(StorageError, match="eval_dataset="):
+        render_model_card(folder, "someone/tiny-hybrid", metrics={"perplexity": 1.0})
+
+
+def test_save_model_card_and_offline_push_fail_in_one_line(saved, monkeypatch, tmp_path):
+    from huggingface_hub import HfApi
+
+    from hf_hybrid_sparse.checkpoint.hub import save_model_card
+
+    folder, model, _ = saved
+    path = save_model_card(folder, "me/tiny-hybrid", metrics={"ppl": 3.0}, eval_dataset="wiki_offline")
+    assert ModelCard.load(path).data.eval_results[0].dataset_type == "wiki_offline"
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known\n  ...traceback lines...")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    with pytest.raises(StorageError) as err:
+        push_to_hub(model, "me/tiny-hybrid")
+    assert "Could not upload to the Hub repo 'me/tiny-hybrid' (ConnectionError" in str(err.value)
+    assert "\n" not in str(err.value) and "dry_run" in str(err.value)
+    out = push_to_hub(model, "me/tiny-hybrid", dry_run=tmp_path / "staged")
+    assert (out / "README.md").exists() and (out / "model.safetensors").exists()
 
 
 def test_push_to_hub_up_to_the_upload_call(saved, monkeypatch):
@@ -87,7 +130,8 @@ def test_push_to_hub_up_to_the_upload_call(saved, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
-    assert push_to_hub(model, "me/tiny-hybrid", metrics={"perplexity": 3.0}) == "uploaded"
+    result = push_to_hub(model, "me/tiny-hybrid", metrics={"perplexity": 3.0}, eval_dataset="wikitext2")
+    assert result == "uploaded"
     assert seen["repo"] == "me/tiny-hybrid"
     assert {"README.md", "config.json", "model.safetensors", "hybrid_sparse_metrics.json"} <= set(
         seen["files"]

@@ -337,6 +337,8 @@ def test_progressive_command(tmp_path, capsys, tiny_checkpoint):
     assert "| 3 | 0.350/0.450/0.200 |" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [s["iteration"] for s in summary] == [1, 2, 3]
+    dense = json.loads((tmp_path / "run" / "dense.json").read_text())["perplexity"]
+    assert f"| dense | 1/0/0 | 1/0/0 | 0.00% | {dense:.3f} |" in (tmp_path / "run" / "summary.md").read_text()
     assert main(args) == 2  # the folder exists: --resume needed
     assert main(args + ["--resume"]) == 0  # nothing left to do
 
@@ -349,5 +351,5 @@ def test_progress_plot(tmp_path):
         {"iteration": i, "sparsity": s, "perplexity": p}
         for i, s, p in [(1, 0.15, 18.0), (2, 0.29, 30.0), (3, 0.41, 60.0)]
     ]
-    png = plot_progress(summary, tmp_path / "p.png")
+    png = plot_progress(summary, tmp_path / "p.png", dense={"perplexity": 15.0})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000

@@ -62,3 +62,38 @@ def test_sparse_trainer_has_trainers_signature(tmp_path):
     trainer = SparseTrainer(model, args, None, None, None, None, None, None, None, [mine], allow_dense=True)
     kinds = [type(c) for c in trainer.callback_handler.callbacks]
     assert Mine in kinds and type(trainer.sparsity_callback) in kinds
+
+
+def test_a_gguf_loaded_model_prunes_and_saves(tmp_path):
+    """`from_pretrained(folder, gguf_file=...)` dequantises: the GGUF quantizer must not block the save."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity
+    from hf_hybrid_sparse.models import resolve_model
+
+    folder, gguf = resolve_model(None)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    assert type(model.hf_quantizer).__name__ == "GgufHfQuantizer"
+    config = HybridSparseConfig(method="magnitude", pattern="2:4", targets=["mlp.down_proj"])
+    report = apply_hybrid_sparsity(model, config)
+    assert report.sparsity == 0.5
+    model.save_pretrained(tmp_path / "pruned")
+    plain = subprocess.run(  # the plain-transformers reader sees the zeros
+        [
+            sys.executable,
+            "-c",
+            "import sys; from transformers import AutoModelForCausalLM as A; "
+            "m = A.from_pretrained(sys.argv[1]); w = m.model.layers[3].mlp.down_proj.weight; "
+            "print((w == 0).float().mean().item())",
+            str(tmp_path / "pruned"),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert float(plain.stdout.split()[-1]) >= 0.5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert type(reloaded.hf_quantizer).__name__ == "HybridSparseHfQuantizer"

@@ -10,6 +10,7 @@ from .checkpoint.quantizer import HybridSparseHfQuantizer
 from .checkpoint.quantizer import register as _register_quantizer
 from .checkpoint.saving import save_pretrained
 from .config import HybridSparseConfig, register
+from .data.calibration import CalibrationSet
 from .engine.report import SparsityReport
 from .errors import (
     CalibrationError,
@@ -24,6 +25,7 @@ from .errors import (
     TierMapError,
 )
 from .evaluation.perplexity import perplexity
+from .models import load_model_and_tokenizer
 from .pruning.patterns import DENSE, NM, TOPK
 from .state import (
     ParamSparsity,
@@ -94,6 +96,8 @@ __all__ = [
     "ConfigError",
     "ModelStructureError",
     "CalibrationError",
+    "CalibrationSet",
+    "load_model_and_tokenizer",
     "TierMapError",
     "PruningError",
     "StorageError",

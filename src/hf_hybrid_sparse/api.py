@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint.quantizer import attach
+from .checkpoint.quantizer import attach, release_dequantized_gguf
 from .config import HybridSparseConfig
 from .data.calibration import DEFAULT_CALIBRATION
 from .engine.report import SparsityReport
@@ -43,6 +43,7 @@ def apply_hybrid_sparsity(
     ``save_pretrained`` writes them and ``from_pretrained`` restores them.
     """
     config = config or HybridSparseConfig()
+    release_dequantized_gguf(model)  # a GGUF file loaded dequantised prunes and saves like any model
     try:
         report = prune_model(model, config, calib_dataset, tokenizer, previous_tier_maps)
     except PruningError:

@@ -27,3 +27,13 @@ def get_logger(name: str) -> logging.Logger:
         # `hf_hybrid_sparse.*` logger then inherits transformers' level and reaches its handler
         root.parent = library
     return logging.getLogger(name)
+
+
+def warn_if_long(
+    logger: logging.Logger, what: str, first_seconds: float, units: int, hint: str, threshold: float = 120.0
+) -> None:
+    """After the first of ``units`` equal steps took ``first_seconds``, warn with ``hint`` if the whole
+    run is projected past ``threshold`` seconds (CPU-sized work launched with GPU-sized defaults)."""
+    total = first_seconds * units
+    if total > threshold:
+        logger.warning(f"{what} will take about {total / 60:.0f} min at this pace; {hint}")

@@ -30,7 +30,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import QUANT_METHOD, HybridSparseConfig
 from ..engine.sequential import prune_model
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, ModelStructureError, StorageError
 from ..kernels.linear import HybridSparseLinear, convert_to_dense, convert_to_hybrid_kernels
 from ..state import clear_state
 from . import packed_load
@@ -155,6 +155,28 @@ def _wrap_save(model: torch.nn.Module) -> None:
     """Make ``model.save_pretrained`` atomic (see :func:`.saving.save_pretrained`)."""
     if "save_pretrained" not in model.__dict__ and hasattr(type(model), "save_pretrained"):
         model.save_pretrained = functools.partial(save_pretrained, model)
+
+
+def release_dequantized_gguf(model: torch.nn.Module) -> None:
+    """Drop the GGUF quantizer of a model whose GGUF weights were dequantised on load.
+
+    Such a model holds plain floating-point ``nn.Linear`` weights; the GGUF quantizer left on it would
+    only refuse ``save_pretrained``. Weights still packed in GGUF blocks cannot be pruned: refused
+    with the fix, before any work.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(quantizer, "quantization_config", None)
+    if quantizer is None or getattr(qconfig, "quant_method", None) != "gguf":
+        return
+    if getattr(quantizer, "packed_modules", None):
+        raise ModelStructureError(
+            "The model keeps its GGUF weights packed, which cannot be pruned; load it dequantised: "
+            "from_pretrained(..., gguf_file=..., quantization_config=GgufConfig(dequantize=True)) "
+            "or hf_hybrid_sparse.load_model_and_tokenizer(path_to_gguf)."
+        )
+    quantizer.remove_quantization_config(model)
+    if getattr(model, "hf_quantizer", None) is quantizer:
+        model.hf_quantizer = None
 
 
 def attach(model: torch.nn.Module, config: HybridSparseConfig) -> bool:

@@ -95,9 +95,29 @@ class CalibrationArguments:
     calib: str = field(
         default="wiki_offline",
         metadata={
-            "help": "Calibration data: a name (wiki_offline, wikitext2, c4, ...), a mixture or a .txt/.jsonl path."
+            "help": "Calibration data: a name (wiki_offline, wikitext2, c4, squad, gsm8k), a NAME:WEIGHT,... "
+            "mixture, a Hub dataset id (owner/name), a dataset folder or a .txt/.jsonl/.json/.parquet/.csv file."
         },
     )
+    calib_split: str = field(default="train", metadata={"help": "Split of a Hub dataset or dataset folder."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the calibration text."})
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Render the chat 'messages' column (or --text_column) with the chat template."},
+    )
+    no_special_tokens: bool = field(
+        default=False,
+        metadata={"help": "Tokenize without the tokenizer's BOS (the reference loaders keep it)."},
+    )
+
+    def calibration_set(self) -> Any:
+        """The :class:`CalibrationSet` these flags describe (plain name when nothing else is set)."""
+        from ..data.calibration import CalibrationSet
+
+        spec = CalibrationSet(
+            self.calib, self.calib_split, self.text_column, self.chat_template, not self.no_special_tokens
+        )
+        return self.calib if spec == CalibrationSet(self.calib) else spec
 
 
 def say(text: str) -> None:

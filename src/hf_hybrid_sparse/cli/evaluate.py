@@ -18,8 +18,16 @@ class EvalCommandArguments:
     perplexity: str = field(
         default="wiki_offline", metadata={"help": "Comma-separated: wikitext2, c4, wiki_offline."}
     )
-    seqlen: int = field(default=2048, metadata={"help": "Tokens per perplexity window."})
-    max_windows: int | None = field(default=None, metadata={"help": "Max windows per corpus (None: all)."})
+    seqlen: int = field(
+        default=512,
+        metadata={"help": "Tokens per perplexity window (the papers use 2048; 512 = prune's default)."},
+    )
+    max_windows: int = field(
+        default=32,
+        metadata={
+            "help": "Max windows per corpus (0: all). 32 x 512 matches `prune`, so both print the same number."
+        },
+    )
     tasks: str | None = field(
         default=None, metadata={"help": "lm-eval tasks ('default' = the Wanda paper's seven)."}
     )
@@ -40,11 +48,12 @@ def _evaluate(model, tokenizer, args: EvalCommandArguments) -> dict[str, float]:
             tokenizer,
             name,
             seqlen=args.seqlen,
-            max_windows=args.max_windows,
+            max_windows=args.max_windows or None,
             batch_size=args.batch_size,
         )
         out[f"ppl {name}"] = res.perplexity
         out[f"ppl {name} tokens"] = res.tokens
+        say(f"perplexity {res.perplexity:.3f} ({res.protocol()})")
     if args.tasks:
         tasks = DEFAULT_LM_EVAL_TASKS if args.tasks == "default" else args.tasks.split(",")
         for task, acc in zero_shot(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.utils import logging as hf_logging
 
 from ..errors import HybridSparseError
 from .arguments import ModelArguments, preflight, say
@@ -54,7 +53,6 @@ def run(argv: list[str]) -> int:
     from ..training.lora import get_sparse_peft_model, merge_sparse_lora
     from ..training.trainer import SparseTrainer
 
-    hf_logging.set_verbosity_info()
     model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
     train = lm_dataset(ft.data, tokenizer, ft.seqlen, ft.max_samples)
 

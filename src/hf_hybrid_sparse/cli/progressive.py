@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
-from transformers.utils import logging as hf_logging
 
 from ..errors import HybridSparseError
 from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, preflight, recipe_from_args, say
@@ -67,16 +66,15 @@ def run(argv: list[str]) -> int:
     )
 
     from ..models import load_model_and_tokenizer
-    from ..training.progressive import ProgressiveSettings, run_progressive, summary_markdown
+    from ..training.progressive import ProgressiveSettings, dense_baseline, run_progressive, summary_markdown
     from ..training.schedule import load_schedule
     from ..viz import plot_progress
 
     schedule = load_schedule(args.schedule)  # validated before the model is loaded
-    hf_logging.set_verbosity_info()
     model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
     settings = ProgressiveSettings(
         config=config,
-        calib=calib_args.calib,
+        calib=calib_args.calibration_set(),
         train_seqlen=args.finetune_seqlen,
         finetune_steps=args.finetune_steps,
         learning_rate=args.finetune_lr,
@@ -90,7 +88,8 @@ def run(argv: list[str]) -> int:
     summary = run_progressive(
         model, tokenizer, schedule, settings, args.output, resume=args.resume, model_id=model_args.model
     )
-    say(summary_markdown(summary))
+    dense = dense_baseline(args.output)
+    say(summary_markdown(summary, dense))
     if args.plot:
-        say(f"plot written to {plot_progress(summary, args.plot)}")
+        say(f"plot written to {plot_progress(summary, args.plot, dense=dense)}")
     return 0

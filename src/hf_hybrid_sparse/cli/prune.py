@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
-from transformers.utils import logging as hf_logging
 
 from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, preflight, recipe_from_args, say
 
@@ -19,7 +18,10 @@ class EvalArguments:
         default="wiki_offline", metadata={"help": "Evaluation text (test split of a name)."}
     )
     eval_seqlen: int = field(default=512, metadata={"help": "Tokens per perplexity window."})
-    eval_windows: int | None = field(default=32, metadata={"help": "Max windows scored (None: all)."})
+    eval_windows: int = field(
+        default=32,
+        metadata={"help": "Max windows scored (0: all; the whole offline test split is ~200k tokens)."},
+    )
     eval_batch_size: int = field(default=4, metadata={"help": "Windows per forward."})
     skip_eval: bool = field(default=False, metadata={"help": "Do not measure perplexity."})
 
@@ -30,6 +32,9 @@ class OutputArguments:
 
     save: str | None = field(default=None, metadata={"help": "Folder to save the pruned model into."})
     report_json: str | None = field(default=None, metadata={"help": "Write the pruning report as JSON here."})
+    report_table: bool = field(
+        default=False, metadata={"help": "Print the per-module table, not only the summary."}
+    )
 
 
 def build_parser() -> HfArgumentParser:
@@ -57,8 +62,6 @@ def run(argv: list[str]) -> int:
     from ..evaluation.perplexity import perplexity
     from ..models import load_model_and_tokenizer
 
-    hf_logging.set_verbosity_info()
-    hf_logging.enable_progress_bar()
     model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
 
     def ppl():
@@ -67,20 +70,20 @@ def run(argv: list[str]) -> int:
             tokenizer,
             eval_args.eval_data,
             seqlen=eval_args.eval_seqlen,
-            max_windows=eval_args.eval_windows,
+            max_windows=eval_args.eval_windows or None,
             batch_size=eval_args.eval_batch_size,
         )
 
     before = None if eval_args.skip_eval else ppl()
     if before is not None:
-        say(
-            f"perplexity before: {before.perplexity:.3f} ({before.tokens} tokens, {eval_args.eval_data} test)"
-        )
-    report = apply_hybrid_sparsity(model, config, calib_args.calib, tokenizer=tokenizer)
-    say(report.to_markdown())
+        say(f"perplexity before: {before.perplexity:.3f} ({before.protocol()})")
+    report = apply_hybrid_sparsity(model, config, calib_args.calibration_set(), tokenizer=tokenizer)
+    say(report.summary())
+    if out_args.report_table:
+        say(report.to_markdown())
     after = None if eval_args.skip_eval else ppl()
     if after is not None:
-        say(f"perplexity after:  {after.perplexity:.3f} ({after.tokens} tokens, {eval_args.eval_data} test)")
+        say(f"perplexity after:  {after.perplexity:.3f} ({after.protocol()})")
     result = report.to_dict()
     result["perplexity_before"] = None if before is None else before.perplexity
     result["perplexity_after"] = None if after is None else after.perplexity

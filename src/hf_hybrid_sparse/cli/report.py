@@ -14,11 +14,16 @@ from .arguments import say
 class ReportArguments:
     """Read a saved model's sparsity metadata (headers only; no weights are loaded)."""
 
-    directory: str = field(metadata={"help": "Folder written by save_pretrained."})
+    directory: str | None = field(
+        default=None, metadata={"help": "Folder written by save_pretrained (or give it first, positionally)."}
+    )
     plot: str | None = field(
         default=None, metadata={"help": "Draw the tier maps into this PNG (needs [viz])."}
     )
-    json: bool = field(default=False, metadata={"help": "Print JSON instead of a markdown table."})
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of text."})
+    table: bool = field(
+        default=False, metadata={"help": "Also print the per-module table after the summary."}
+    )
 
 
 def run(argv: list[str]) -> int:
@@ -28,29 +33,39 @@ def run(argv: list[str]) -> int:
 
     parser = HfArgumentParser(ReportArguments)
     parser.prog = "hf-hybrid-sparse report"
-    if argv and not argv[0].startswith("-"):
-        argv = ["--directory", argv[0], *argv[1:]]
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser.add_argument("folder", nargs="?", default=None, help="Folder written by save_pretrained.")
+    args, extra = parser.parse_args_into_dataclasses(args=argv)
+    args.directory = args.directory or extra.folder
+    if not args.directory:
+        parser.error("give the saved model's folder: hf-hybrid-sparse report FOLDER")
     summary = read_sparsity_summary(args.directory)
     if args.json:
         out = {k: v for k, v in summary.items() if k != "tier_maps"}
         say(json.dumps(out, indent=2))
     else:
         recipe = summary["recipe"]
-        say(
-            f"recipe: method={recipe.get('method')} pattern={recipe.get('pattern')} "
-            f"tier_ratios={recipe.get('tier_ratios')}"
-        )
-        say("| module | shape | sparsity | dense | nm | topk |\n|---|---|---:|---:|---:|---:|")
-        for row in summary["layers"]:
-            say(
-                f"| {row['name']} | {row['shape']} | {row['sparsity']:.2%} | {row['dense']} | {row['nm']} | "
-                f"{row['topk']} |"
-            )
         t = summary["tier_totals"]
+        blocks = sum(t.values())
         say(
-            f"| **total** | | **{summary['overall_sparsity']:.2%}** | {t['dense']} | {t['nm']} | {t['topk']} |"
+            f"{args.directory}: {recipe.get('method')} / {recipe.get('pattern')}, {len(summary['layers'])} pruned "
+            f"weights, sparsity {summary['overall_sparsity']:.2%}"
+            + (f", tier_ratios {recipe.get('tier_ratios')}" if recipe.get("pattern") == "hybrid" else "")
         )
+        if blocks:
+            say("blocks: " + ", ".join(f"{k.upper()} {v} ({v / blocks:.1%})" for k, v in t.items()))
+        if args.table:
+            say("| module | shape | sparsity | dense | nm | topk |\n|---|---|---:|---:|---:|---:|")
+            for row in summary["layers"]:
+                say(
+                    f"| {row['name']} | {row['shape']} | {row['sparsity']:.2%} | {row['dense']} | {row['nm']} | "
+                    f"{row['topk']} |"
+                )
+            say(
+                f"| **total** | | **{summary['overall_sparsity']:.2%}** | {t['dense']} | {t['nm']} | {t['topk']} |"
+            )
+        else:
+            say("(--table prints the per-module table)")
     if args.plot:
-        say(f"tier maps drawn to {plot_tier_maps(summary['tier_maps'], args.plot)}")
+        pages = plot_tier_maps(summary["tier_maps"], args.plot)
+        say(f"tier maps of {len(summary['tier_maps'])} modules drawn to {', '.join(map(str, pages))}")
     return 0

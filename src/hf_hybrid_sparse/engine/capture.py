@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..devices import input_device, parameter_device
+from ..logs import tqdm
 
 
 class _StopForward(Exception):
@@ -115,7 +116,7 @@ def capture_block_inputs(
         block.forward = make_recorder(i, block, block.forward)
     try:
         device = input_device(model)
-        for batch in batches:
+        for batch in tqdm(batches, desc="Capturing calibration inputs", unit="batch"):
             try:
                 with torch.no_grad():
                     model(input_ids=batch.to(device), use_cache=False)

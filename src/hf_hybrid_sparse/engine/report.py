@@ -27,7 +27,10 @@ class ModuleReport:
 
 @dataclass
 class SparsityReport:
-    """What :func:`~hf_hybrid_sparse.apply_hybrid_sparsity` did; ``str(report)`` is a markdown table."""
+    """What :func:`~hf_hybrid_sparse.apply_hybrid_sparsity` did.
+
+    ``str(report)`` is a short summary (:meth:`summary`); :meth:`to_markdown` is the per-module table.
+    """
 
     config: dict[str, Any]
     modules: list[ModuleReport] = field(default_factory=list)
@@ -66,6 +69,23 @@ class SparsityReport:
             "calibration_tokens": self.calibration_tokens,
         }
 
+    def summary(self) -> str:
+        """A few lines: method and pattern, overall sparsity, tier shares, time and calibration tokens."""
+        cfg = self.config
+        pruned = [m for m in self.modules if not m.skipped]
+        lines = [
+            f"{cfg.get('method')} / {cfg.get('pattern')}: {len(pruned)} weights pruned "
+            f"({self.total_params:,} parameters), sparsity {self.sparsity:.2%}"
+            + (f", {len(self.modules) - len(pruned)} skipped" if len(pruned) < len(self.modules) else ""),
+        ]
+        tiers = self.tier_totals()
+        blocks = sum(tiers.values())
+        if blocks:
+            shares = ", ".join(f"{k.upper()} {v / blocks:.1%}" for k, v in tiers.items())
+            lines.append(f"blocks: {blocks:,} ({shares})")
+        lines.append(f"time: {self.seconds:.1f} s on {self.calibration_tokens:,} calibration tokens")
+        return "\n".join(lines)
+
     def to_markdown(self) -> str:
         """A markdown table, one row per module, plus a total row."""
         lines = [
@@ -81,13 +101,13 @@ class SparsityReport:
         tt = self.tier_totals()
         lines.append(
             f"| **total** | {self.total_params:,} params | **{self.sparsity:.2%}** | {tt.get('dense', '')} | "
-            f"{tt.get('nm', '')} | {tt.get('topk', '')} | {self.seconds:.1f} s |"
+            f"{tt.get('nm', '')} | {tt.get('topk', '')} | |"
         )
         return "\n".join(lines)
 
     def plot_tier_maps(self, model: Any, out_file: str) -> Any:
-        """Draw the model's tier maps into ``out_file`` (PNG; extra ``[viz]``)."""
+        """Draw the model's tier maps into ``out_file`` (PNG pages; extra ``[viz]``); returns the paths."""
         return plot_tier_maps(tier_maps(model), out_file)
 
     def __str__(self) -> str:
-        return self.to_markdown()
+        return self.summary()

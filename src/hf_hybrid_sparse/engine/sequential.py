@@ -18,7 +18,7 @@ from ..config import HybridSparseConfig
 from ..data.calibration import DEFAULT_CALIBRATION, get_calibration_samples
 from ..devices import execution_device
 from ..errors import PruningError
-from ..logs import get_logger, tqdm
+from ..logs import get_logger, tqdm, warn_if_long
 from ..pruning.matrix import prune_matrix
 from ..pruning.patterns import TIER_NAMES
 from ..state import ParamSparsity, get_state, set_param_state
@@ -135,6 +135,7 @@ def _walk(
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(blocks), desc="Pruning blocks", unit="block")
+    started = time.perf_counter()
     try:
         for i, block in enumerate(blocks):
             block_name = f"{p.blocks_path}.{i}"
@@ -183,6 +184,14 @@ def _walk(
                     state = get_state(t.module)[t.param_name]
                     state.mask = state.mask.to(moved_from)
             bar.update(1)
+            if i == 0 and needs_data:
+                warn_if_long(
+                    logger,
+                    f"Pruning {len(blocks)} blocks on {report.calibration_tokens} calibration tokens",
+                    time.perf_counter() - started,
+                    len(blocks),
+                    "fewer tokens make it faster (nsamples x seqlen, e.g. 32 x 512 on a CPU).",
+                )
     finally:
         bar.close()
         model.train(was_training)

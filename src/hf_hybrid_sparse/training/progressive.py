@@ -27,7 +27,7 @@ import torch
 from ..api import apply_hybrid_sparsity
 from ..checkpoint.saving import save_pruned
 from ..config import HybridSparseConfig
-from ..data.calibration import lm_dataset
+from ..data.calibration import CalibrationSet, lm_dataset
 from ..errors import HybridSparseError
 from ..evaluation.perplexity import perplexity
 from ..logs import get_logger
@@ -36,6 +36,8 @@ from .schedule import Iteration, schedule_fingerprint
 from .trainer import SparseTrainer
 
 logger = get_logger(__name__)
+
+DENSE_FILE = "dense.json"
 PROGRESS_FILE = "progress.json"
 RUN_FILE = "run.json"
 
@@ -77,6 +79,8 @@ def _describe(data: Any) -> Any:
     """A JSON-able identity of a data argument (names and paths as given, other data by content hash)."""
     if data is None or isinstance(data, (str, int, float)):
         return data
+    if isinstance(data, CalibrationSet):
+        return {**data.to_dict(), "source": _describe(data.source)}
     fingerprint = getattr(data, "_fingerprint", None)  # datasets.Dataset
     if isinstance(fingerprint, str):
         return f"dataset:{fingerprint}"
@@ -255,6 +259,16 @@ def run_progressive(
         )
         summary = [s for s in summary if s["iteration"] <= schedule[done - 1].iteration]
         logger.info(f"Resuming after iteration {schedule[done - 1].iteration} from {last}")
+    elif settings.eval_windows is not None and tokenizer is not None and not (output / DENSE_FILE).exists():
+        model.eval()  # the dense baseline every iteration is compared with (summary.md, plots)
+        dense = perplexity(
+            model,
+            tokenizer,
+            settings.eval_data,
+            seqlen=settings.eval_seqlen,
+            max_windows=settings.eval_windows,
+        )
+        _write_json_atomic(output / DENSE_FILE, {"perplexity": dense.perplexity, "sparsity": 0.0})
     for position, it in enumerate(schedule[done:], start=done):
         if stop_after is not None and position >= stop_after:
             break
@@ -300,17 +314,25 @@ def run_progressive(
             extra={PROGRESS_FILE: progress},
         )
         _write_json_atomic(output / "summary.json", summary)
-        (output / "summary.md").write_text(summary_markdown(summary))
+        (output / "summary.md").write_text(summary_markdown(summary, dense_baseline(output)))
         logger.info(f"iteration {it.iteration}: sparsity {report.sparsity:.2%}, tiers {entry['tier_ratios']}")
     return summary
 
 
-def summary_markdown(summary: list[dict[str, Any]]) -> str:
-    """The per-iteration summary as a markdown table."""
+def dense_baseline(output_dir: str | os.PathLike) -> dict[str, float] | None:
+    """The dense model's perplexity measured at the start of a run (``OUTPUT/dense.json``), if any."""
+    path = Path(output_dir) / DENSE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summary_markdown(summary: list[dict[str, Any]], dense: dict[str, float] | None = None) -> str:
+    """The per-iteration summary as a markdown table (a first ``dense`` row when the baseline is known)."""
     lines = [
         "| iteration | target D/NM/T | achieved D/NM/T | sparsity | perplexity | prune s | finetune s |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
+    if dense is not None:
+        lines.append(f"| dense | 1/0/0 | 1/0/0 | 0.00% | {dense['perplexity']:.3f} | | |")
     for s in summary:
         t = "/".join(f"{x:.3f}" for x in s["target_ratios"])
         a = "/".join(f"{x:.3f}" for x in s["tier_ratios"])
@@ -322,4 +344,4 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ProgressiveSettings", "run_progressive", "summary_markdown"]
+__all__ = ["ProgressiveSettings", "dense_baseline", "run_progressive", "summary_markdown"]
