@@ -72,9 +72,14 @@ class HybridSparseHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_files = list(checkpoint_files or [])
-        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-        ignore.add("^" + re.escape(MASK_PREFIX))
-        model._keys_to_ignore_on_load_unexpected = ignore
+        ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+        pattern = "^" + re.escape(MASK_PREFIX)
+        # the type transformers expects: a set since it normalises to one (post_init), a list before
+        if isinstance(ignore, set):
+            ignore.add(pattern)
+        else:
+            ignore = list(ignore or [])
+            model._keys_to_ignore_on_load_unexpected = ignore + ([pattern] if pattern not in ignore else [])
         files = _safetensors(self.checkpoint_files)
         if files and (Path(files[0]).parent / PENDING_FILE).exists():
             raise StorageError(

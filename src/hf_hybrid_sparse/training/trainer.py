@@ -83,6 +83,7 @@ class SparsityMaskCallback(TrainerCallback):
         self.allow_dense = allow_dense
         self.entries: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, param, mask placed like it)
         self._handles: list[Any] = []
+        self.verified: dict[str, float] | None = None  # set by a successful end-of-training check
 
     # -- set-up -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -173,6 +174,7 @@ class SparsityMaskCallback(TrainerCallback):
             )
         kept = sum(int(m.sum()) for _, _, m in self.entries)
         total = sum(m.numel() for _, _, m in self.entries)
+        self.verified = {"sparsity_verified_params": len(self.entries), "sparsity": 1 - kept / total}
         logger.info(
             f"Sparsity intact after training: {len(self.entries)} masked parameters, "
             f"{1 - kept / total:.2%} of their weights are zero as pruned."
@@ -200,6 +202,17 @@ class SparseTrainer(Trainer):
         super().__init__(*bound.args[1:], **bound.kwargs)
         # fail on bad input before any training work starts
         self.sparsity_callback.attach(self.model)
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; the end-of-training sparsity check is added to the returned metrics and
+        logged like the other training metrics (console, ``report_to`` integrations, log history)."""
+        self.sparsity_callback.verified = None
+        output = super().train(*args, **kwargs)
+        verified = self.sparsity_callback.verified
+        if verified is not None:
+            output.metrics.update(verified)
+            self.log(dict(verified))
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         check_checkpoint_masks(self.model, resume_from_checkpoint)
