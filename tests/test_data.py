@@ -202,3 +202,9 @@ def test_bos_is_kept_like_the_reference_loaders_with_a_switch():
     without = get_calibration_samples(CalibrationSet(text, add_special_tokens=False), tok, 1, 15)
     assert with_bos[0, 0].item() == 1 and (with_bos[0, 1:] == 2 + ord("a") % 100).all()
     assert (without == 2 + ord("a") % 100).all()
+    # a mixture's components are read with the mixture's options
+    mixture = CalibrationSet([(text, 0.5), (["b" * 16], 0.5)], add_special_tokens=False)
+    mixed = get_calibration_samples(mixture, tok, 2, 15)
+    assert 1 not in mixed.tolist()[0] + mixed.tolist()[1]
+    assert (mixed[1] == 2 + ord("b") % 100).all()
+    assert get_calibration_samples([(text, 0.5), (["b" * 16], 0.5)], tok, 2, 16)[:, 0].tolist() == [1, 1]

@@ -36,7 +36,7 @@ import os
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -438,45 +438,41 @@ def _is_mixture(text: str) -> bool:
     return ":" in text and not Path(text).exists()
 
 
-def _chat_tokenizer(data: Any, tokenizer: Any, model: Any) -> Any:
-    """The tokenizer when chat messages must be rendered (resolved from the model if not given)."""
-    if isinstance(data, CalibrationSet) and data.chat_template:
-        return _resolve_tokenizer(tokenizer, model)
-    return tokenizer
-
-
 def _samples(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, model: Any) -> torch.Tensor:
     check_seqlen(model, seqlen)
-    special = data.add_special_tokens if isinstance(data, CalibrationSet) else True
-    if isinstance(data, CalibrationSet) and (
-        isinstance(data.source, NamedSet)
-        or (isinstance(data.source, str) and (data.source in SOURCES or _is_mixture(data.source)))
-    ):
-        data = data.source  # named sets and mixtures follow their own published rules
+    spec = data if isinstance(data, CalibrationSet) else CalibrationSet(data)
+    src = spec.source
     is_pairs = (
-        isinstance(data, (list, tuple))
-        and data
-        and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in data)
+        isinstance(src, (list, tuple))
+        and src
+        and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], (int, float)) for x in src)
     )
-    if is_pairs or (isinstance(data, str) and _is_mixture(data)):
-        parts = list(data) if is_pairs else parse_mixture(data)
+    if is_pairs or (isinstance(src, str) and _is_mixture(src)):
+        parts = list(src) if is_pairs else parse_mixture(src)
         if is_pairs and abs(sum(w for _, w in parts) - 1.0) > 1e-6:
             raise CalibrationError(
                 f"mixture weights {[w for _, w in parts]} sum to {sum(w for _, w in parts):.6g}, not 1."
             )
         counts = mixture_counts([w for _, w in parts], nsamples)
+        # every component is read with the mixture's options (split, column, chat template, BOS)
         chunks = [
-            _samples(name, tokenizer, n, seqlen, seed + i, model)
+            _samples(replace(spec, source=name), tokenizer, n, seqlen, seed + i, model)
             for i, ((name, _), n) in enumerate(zip(parts, counts))
             if n > 0
         ]
         return torch.cat(chunks)
-    if isinstance(data, NamedSet) or (isinstance(data, str) and data in SOURCES):
-        spec = data if isinstance(data, NamedSet) else named(data)
+    if isinstance(src, NamedSet) or (isinstance(src, str) and src in SOURCES):
+        # named sets follow their own published rules
         return calibration_windows(
-            spec, _resolve_tokenizer(tokenizer, model), nsamples, seqlen, seed, add_special_tokens=special
+            src if isinstance(src, NamedSet) else named(src),
+            _resolve_tokenizer(tokenizer, model),
+            nsamples,
+            seqlen,
+            seed,
+            add_special_tokens=spec.add_special_tokens,
         )
-    kind, items = resolve_texts_or_tokens(data, tokenizer=_chat_tokenizer(data, tokenizer, model))
+    chat_tokenizer = _resolve_tokenizer(tokenizer, model) if spec.chat_template else tokenizer
+    kind, items = resolve_texts_or_tokens(spec, tokenizer=chat_tokenizer)
     if kind == "tokens":
         if not items:
             raise CalibrationError("The calibration data is empty.")
@@ -492,8 +488,7 @@ def _samples(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, m
     texts = [t for t in items if t and t.strip()]
     if not texts:
         raise CalibrationError("The calibration data is empty (no non-blank text).")
-    tok = _resolve_tokenizer(tokenizer, model)
-    spec = data if isinstance(data, CalibrationSet) else CalibrationSet(data)
+    tok = chat_tokenizer if chat_tokenizer is not None else _resolve_tokenizer(tokenizer, model)
     chosen = sample_documents(texts, char_budget(max(nsamples * seqlen * 4, seqlen * 8)), seed)
     ids = tokenize_joined(chosen, tok, add_special_tokens=spec.add_special_tokens and not spec.chat_template)
     if ids.numel() < seqlen + 1:
