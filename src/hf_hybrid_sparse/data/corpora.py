@@ -75,6 +75,8 @@ SOURCES: dict[str, dict[str, Any]] = {
         "config": "wikitext-2-raw-v1",
         "columns": ["text"],
         "rule": "stream",
+        "eval_split": "test",
+        "title": "WikiText-2 (raw)",
     },
     "c4": {
         "path": "allenai/c4",
@@ -84,17 +86,24 @@ SOURCES: dict[str, dict[str, Any]] = {
         },
         "columns": ["text"],
         "rule": "documents",
+        "eval_split": "validation",
+        "subset": "en",  # the upstream subset the data files belong to
+        "title": "C4 (en, validation shard 0)",
     },
     "squad": {
         "path": "rajpurkar/squad_v2",
         "columns": ["context", "question", "answers"],
         "rule": "examples",
+        "eval_split": "validation",
+        "title": "SQuAD v2",
     },
     "gsm8k": {
         "path": "openai/gsm8k",
         "config": "main",
         "columns": ["question", "answer"],
         "rule": "examples",
+        "eval_split": "test",
+        "title": "GSM8K",
     },
 }
 
@@ -231,15 +240,15 @@ def mixture_counts(weights: list[float], nsamples: int) -> list[int]:
 
 def eval_tokens(spec: NamedSet, tokenizer: Any, seqlen: int, add_special_tokens: bool = True) -> torch.Tensor:
     """The 1-D token stream that perplexity on ``spec`` scores (rules in the module docstring)."""
-    rule = SOURCES[spec.name]["rule"]
+    rule, split = SOURCES[spec.name]["rule"], SOURCES[spec.name]["eval_split"]
     special = add_special_tokens
     if rule == "stream":
-        items = texts(spec, "test")
+        items = texts(spec, split)
         return torch.tensor(
             tokenizer("\n\n".join(items), add_special_tokens=special)["input_ids"], dtype=torch.long
         )
     if rule == "documents":
-        docs = texts(spec, "validation")[:1100]
+        docs = texts(spec, split)[:1100]
         ids = tokenizer(" ".join(docs), add_special_tokens=special)["input_ids"][: 256 * seqlen]
         return torch.tensor(ids, dtype=torch.long)
     raise CalibrationError(f"{spec.name} is a task set: evaluate it with its task metric, not perplexity.")

@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from ..data.calibration import check_seqlen, resolve_texts_or_tokens, tokenize_joined
+from ..data.calibration import (
+    check_seqlen,
+    describe_source,
+    evaluation_split,
+    resolve_texts_or_tokens,
+    tokenize_joined,
+)
 from ..data.corpora import SOURCES, NamedSet, eval_tokens, named
 from ..devices import input_device
 from ..errors import CalibrationError
@@ -100,12 +106,6 @@ def perplexity(
 
 
 def _corpus(data: Any) -> str:
-    from ..data.calibration import describe_source
-
     name = describe_source(data)
-    split = _EVAL_SPLITS.get(name) if isinstance(data, (str, NamedSet)) else None
+    split = evaluation_split(name) if isinstance(data, (str, NamedSet)) else None
     return f"{name} {split} split" if split else name
-
-
-#: the split each named corpus is scored on
-_EVAL_SPLITS = {"wiki_offline": "test", "offline": "test", "wikitext2": "test", "c4": "validation"}

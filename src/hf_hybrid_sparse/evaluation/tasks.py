@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..data.corpora import NamedSet, gsm8k_prompt, named, squad_prompt
+from ..data.corpora import SOURCES, NamedSet, gsm8k_prompt, named, squad_prompt
 from ..devices import input_device
 from ..errors import CalibrationError
 from ..logs import get_logger, tqdm
@@ -126,9 +126,9 @@ def generate(
     return outputs
 
 
-def _task_split(data: Any, default: str, split: str, max_samples: int | None):
+def _task_split(data: Any, default: str, max_samples: int | None):
     spec = data if isinstance(data, NamedSet) else named(data or default)
-    ds = spec.load(split)
+    ds = spec.load(SOURCES[default]["eval_split"])
     return ds.select(range(min(max_samples, len(ds)))) if max_samples is not None else ds
 
 
@@ -136,7 +136,7 @@ def evaluate_squad(
     model, tokenizer, data: Any = "squad", max_samples: int | None = 200, batch_size: int = 8
 ) -> dict:
     """SQuAD v2 validation EM/F1 (percent) of greedy zero-shot answers; also split by answerable or not."""
-    ds = _task_split(data, "squad", "validation", max_samples)
+    ds = _task_split(data, "squad", max_samples)
     prompts = [squad_prompt(ex, with_answer=False) for ex in ds]
     preds = generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=batch_size, stop="\n")
     ems, f1s, has = [], [], []
@@ -168,7 +168,7 @@ def evaluate_gsm8k(
     max_new_tokens: int = 256,
 ) -> dict:
     """GSM8K test accuracy (percent) of greedy zero-shot solutions (last number vs ``####`` answer)."""
-    ds = _task_split(data, "gsm8k", "test", max_samples)
+    ds = _task_split(data, "gsm8k", max_samples)
     prompts = [gsm8k_prompt(ex, with_answer=False) for ex in ds]
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [gsm8k_correct(g, ex["answer"]) for g, ex in zip(gens, ds)]
