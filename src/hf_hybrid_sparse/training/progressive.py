@@ -259,16 +259,12 @@ def run_progressive(
         )
         summary = [s for s in summary if s["iteration"] <= schedule[done - 1].iteration]
         logger.info(f"Resuming after iteration {schedule[done - 1].iteration} from {last}")
-    elif settings.eval_windows is not None and tokenizer is not None and not (output / DENSE_FILE).exists():
-        model.eval()  # the dense baseline every iteration is compared with (summary.md, plots)
-        dense = perplexity(
-            model,
-            tokenizer,
-            settings.eval_data,
-            seqlen=settings.eval_seqlen,
-            max_windows=settings.eval_windows,
+    elif _evaluates(settings, tokenizer) and not (output / DENSE_FILE).exists():
+        # the dense baseline every iteration is compared with (summary.md, plots)
+        _write_json_atomic(
+            output / DENSE_FILE, {"perplexity": _perplexity(model, tokenizer, settings), "sparsity": 0.0}
         )
-        _write_json_atomic(output / DENSE_FILE, {"perplexity": dense.perplexity, "sparsity": 0.0})
+    dense = dense_baseline(output)
     for position, it in enumerate(schedule[done:], start=done):
         if stop_after is not None and position >= stop_after:
             break
@@ -295,15 +291,8 @@ def run_progressive(
             "prune_seconds": prune_s,
             "finetune_seconds": train_s,
         }
-        if settings.eval_windows is not None and tokenizer is not None:
-            model.eval()
-            entry["perplexity"] = perplexity(
-                model,
-                tokenizer,
-                settings.eval_data,
-                seqlen=settings.eval_seqlen,
-                max_windows=settings.eval_windows,
-            ).perplexity
+        if _evaluates(settings, tokenizer):
+            entry["perplexity"] = _perplexity(model, tokenizer, settings)
         summary.append(entry)
         progress = {"schedule": fingerprint, "model": model_id, "run": _run_digest(run), **entry}
         save_pruned(
@@ -314,9 +303,21 @@ def run_progressive(
             extra={PROGRESS_FILE: progress},
         )
         _write_json_atomic(output / "summary.json", summary)
-        (output / "summary.md").write_text(summary_markdown(summary, dense_baseline(output)))
+        (output / "summary.md").write_text(summary_markdown(summary, dense))
         logger.info(f"iteration {it.iteration}: sparsity {report.sparsity:.2%}, tiers {entry['tier_ratios']}")
     return summary
+
+
+def _evaluates(settings: ProgressiveSettings, tokenizer: Any) -> bool:
+    return settings.eval_windows is not None and tokenizer is not None
+
+
+def _perplexity(model, tokenizer, settings: ProgressiveSettings) -> float:
+    """Perplexity by the run's evaluation settings (the same protocol for the dense model and every iteration)."""
+    model.eval()
+    return perplexity(
+        model, tokenizer, settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows
+    ).perplexity
 
 
 def dense_baseline(output_dir: str | os.PathLike) -> dict[str, float] | None:
