@@ -39,3 +39,10 @@ class PackingError(HybridSparseError):
 
 class ScheduleError(HybridSparseError):
     """A progressive schedule that cannot be read or that would move blocks to a denser tier."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): for one-line errors that
+    wrap a library's multi-line ones (network, datasets)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..data.calibration import OFFLINE_ALIASES, OFFLINE_TITLE
 from ..data.corpora import SOURCES
-from ..errors import StorageError
+from ..errors import StorageError, first_line
 from ..version import __version__
 from .reader import read_sparsity_summary
 from .saving import save_pretrained
@@ -218,9 +218,8 @@ def push_to_hub(
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
         except Exception as exc:  # noqa: BLE001 - network and auth errors come in many types: one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StorageError(
-                f"Could not upload to the Hub repo {repo_id!r} ({type(exc).__name__}: {first}). Nothing was "
+                f"Could not upload to the Hub repo {repo_id!r} ({type(exc).__name__}: {first_line(exc)}). Nothing was "
                 "uploaded; check the network and `hf auth login`, or write the folder locally with "
                 "push_to_hub(..., dry_run=FOLDER)."
             ) from None

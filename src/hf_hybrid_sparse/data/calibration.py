@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, first_line
 from .corpora import (
     SOURCES,
     NamedSet,
@@ -253,9 +253,8 @@ def _load_hub(dataset_id: str, split: str) -> Any:
     try:
         return load_dataset(dataset_id, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CalibrationError(
-            f"Could not load the Hub dataset {dataset_id!r} (split {split!r}): {first}. Offline, pass a local "
+            f"Could not load the Hub dataset {dataset_id!r} (split {split!r}): {first_line(exc)}. Offline, pass a local "
             "copy instead: a folder written by save_to_disk, or .jsonl/.json/.parquet/.csv files."
         ) from None
 
