@@ -29,6 +29,7 @@ class ReportArguments:
 def run(argv: list[str]) -> int:
     """Parse ``argv`` (``DIR`` may come first, without ``--directory``) and print the table or JSON."""
     from ..checkpoint.reader import read_sparsity_summary
+    from ..engine.report import tier_shares
     from ..viz import plot_tier_maps
 
     parser = HfArgumentParser(ReportArguments)
@@ -45,14 +46,14 @@ def run(argv: list[str]) -> int:
     else:
         recipe = summary["recipe"]
         t = summary["tier_totals"]
-        blocks = sum(t.values())
         say(
             f"{args.directory}: {recipe.get('method')} / {recipe.get('pattern')}, {len(summary['layers'])} pruned "
             f"weights, sparsity {summary['overall_sparsity']:.2%}"
             + (f", tier_ratios {recipe.get('tier_ratios')}" if recipe.get("pattern") == "hybrid" else "")
         )
+        blocks = tier_shares(t)
         if blocks:
-            say("blocks: " + ", ".join(f"{k.upper()} {v} ({v / blocks:.1%})" for k, v in t.items()))
+            say(blocks)
         if args.table:
             say("| module | shape | sparsity | dense | nm | topk |\n|---|---|---:|---:|---:|---:|")
             for row in summary["layers"]:

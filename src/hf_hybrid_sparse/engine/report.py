@@ -9,6 +9,16 @@ from ..state import tier_maps
 from ..viz import plot_tier_maps
 
 
+def tier_shares(totals: dict[str, int]) -> str | None:
+    """``blocks: N (DENSE a%, NM b%, TOPK c%)`` for per-tier block counts (``None`` without blocks)."""
+    blocks = sum(totals.values())
+    if not blocks:
+        return None
+    return (
+        f"blocks: {blocks:,} (" + ", ".join(f"{k.upper()} {v / blocks:.1%}" for k, v in totals.items()) + ")"
+    )
+
+
 @dataclass
 class ModuleReport:
     """Result for one pruned (or skipped) weight."""
@@ -78,11 +88,9 @@ class SparsityReport:
             f"({self.total_params:,} parameters), sparsity {self.sparsity:.2%}"
             + (f", {len(self.modules) - len(pruned)} skipped" if len(pruned) < len(self.modules) else ""),
         ]
-        tiers = self.tier_totals()
-        blocks = sum(tiers.values())
+        blocks = tier_shares(self.tier_totals())
         if blocks:
-            shares = ", ".join(f"{k.upper()} {v / blocks:.1%}" for k, v in tiers.items())
-            lines.append(f"blocks: {blocks:,} ({shares})")
+            lines.append(blocks)
         lines.append(f"time: {self.seconds:.1f} s on {self.calibration_tokens:,} calibration tokens")
         return "\n".join(lines)
 
