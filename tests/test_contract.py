@@ -59,6 +59,17 @@ def _snapshot(model):
     }
 
 
+def _train(model, opt, steps, seed, clip=False):
+    """A hand-written loop: forward, backward, (clip), step, zero_grad."""
+    ids = random_tokens(4, 32, seed=seed)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+
 # -- any training loop -----------------------------------------------------------------------
 
 
@@ -74,13 +85,7 @@ def _snapshot(model):
 def test_hand_written_loop_keeps_sparsity(make_optimizer):
     model = pruned_tiny("llama")
     masks, before = _snapshot(model)
-    opt = make_optimizer(model.parameters())
-    ids = random_tokens(4, 32, seed=2)
-    for _ in range(4):
-        model(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+    _train(model, make_optimizer(model.parameters()), steps=4, seed=2, clip=True)
     _assert_sparse_and_trained(model, masks, before)
     assert revived_weights(model) == {}
 
@@ -91,11 +96,7 @@ def test_adafactor_keeps_sparsity():
     model = pruned_tiny("llama")
     masks, before = _snapshot(model)
     opt = Adafactor(model.parameters(), lr=1e-2, relative_step=False, scale_parameter=False, weight_decay=0.1)
-    ids = random_tokens(4, 32, seed=2)
-    for _ in range(4):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    _train(model, opt, steps=4, seed=2)
     _assert_sparse_and_trained(model, masks, before)
 
 
@@ -104,12 +105,7 @@ def test_a_deep_copy_and_a_reloaded_model_keep_enforcing(tmp_path):
     model.save_pretrained(tmp_path / "m")
     for m in (copy.deepcopy(model), AutoModelForCausalLM.from_pretrained(tmp_path / "m")):
         masks, before = _snapshot(m)
-        opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.1)
-        ids = random_tokens(4, 32, seed=3)
-        for _ in range(3):
-            m(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        _train(m, torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.1), steps=3, seed=3)
         _assert_sparse_and_trained(m, masks, before)
 
 
