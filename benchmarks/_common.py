@@ -84,8 +84,13 @@ def smollm2_perplexity(model, tokenizer, seqlen: int, windows: int) -> float:
     return perplexity(model, tokenizer, "wiki_offline", seqlen=seqlen, max_windows=windows).perplexity
 
 
-def train(model, dataset, steps: int, batch: int, lr: float, **extra: Any) -> float:
-    """Fine-tune with ``SparseTrainer`` on CPU for ``steps`` (constant lr, no weight decay); returns seconds."""
+def train(
+    model, dataset, steps: int, batch: int, lr: float, trainer_kwargs: dict | None = None, **extra: Any
+) -> float:
+    """Fine-tune with ``SparseTrainer`` on CPU for ``steps`` (constant lr, no weight decay); returns seconds.
+
+    ``trainer_kwargs`` go to ``SparseTrainer`` (e.g. ``teacher_model``, ``distillation``), ``extra`` to
+    ``TrainingArguments``."""
     from transformers import TrainingArguments
 
     from hf_hybrid_sparse import SparseTrainer
@@ -106,5 +111,5 @@ def train(model, dataset, steps: int, batch: int, lr: float, **extra: Any) -> fl
             **extra,
         )
         start = time.perf_counter()
-        SparseTrainer(model=model, args=args, train_dataset=dataset).train()
+        SparseTrainer(model=model, args=args, train_dataset=dataset, **(trainer_kwargs or {})).train()
         return time.perf_counter() - start

@@ -102,14 +102,32 @@ def test_example_prune_any_architecture_runs():
     assert len(lines) == 4 and all("tier maps" in ln for ln in lines)
 
 
-@pytest.mark.parametrize("lora", ["0", "4"])
-def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
+def test_example_distill_recovery_runs():
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "distill_recovery.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("KL to the dense teacher"))
+    before, after = (float(x) for x in line.split(": ")[1].split(";")[0].split(" -> "))
+    assert after < before and line.endswith("revived: 0")
+    assert "allocation: owl" in res.stdout
+
+
+@pytest.mark.parametrize("lora,distill", [("0", False), ("4", False), ("0", True)])
+def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora, distill):
     pruned = tmp_path / "pruned"
     _prune_quietly(tiny_checkpoint, pruned, "--pattern", "2:4")
     out = tmp_path / "ft"
+    teacher = (
+        ["--distill", "--teacher", str(tiny_checkpoint), "--distill_hidden_weight", "0.5"] if distill else []
+    )
     code = main(
-        [
-            "finetune",
+        ["finetune", *teacher]
+        + [
             "--model",
             str(pruned),
             "--seqlen",
@@ -124,6 +142,8 @@ def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
             str(out),
             "--max_steps",
             "3",
+            "--logging_steps",
+            "1",
             "--per_device_train_batch_size",
             "4",
             "--learning_rate",
@@ -138,6 +158,7 @@ def test_finetune_command(tiny_checkpoint, tmp_path, capsys, lora):
     assert code == 0
     printed = capsys.readouterr().out
     assert "perplexity before:" in printed and "perplexity after:" in printed
+    assert ("distill_kl" in printed and "distill_hidden" in printed) == distill
     from hf_hybrid_sparse import sparsity_masks
 
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -228,12 +249,16 @@ def test_every_recipe_field_is_a_flag_of_prune_and_progressive():
 
     values = {
         "method": ("sparsegpt", "sparsegpt"),
-        "pattern": ("4:8", "4:8"),  # progressive refuses it at run time, not in the parser
+        "pattern": ("unstructured", "unstructured"),  # progressive refuses it at run time, not in the parser
         "sparsity": ("0.3", 0.3),
         "comparison_group": ("layer", "layer"),
         "block_size": ("32", 32),
         "tier_ratios": ("0.5,0.3,0.2", (0.5, 0.3, 0.2)),
         "tier_group": ("row", "row"),
+        "tier_rule": ("score", "score"),
+        "layer_allocation": ("owl", "owl"),
+        "owl_threshold": ("3", 3.0),
+        "owl_lambda": ("0.1", 0.1),
         "nm": ("6:8", "2:8"),  # read with nm_convention=prune, stored in the kept form
         "nm_convention": ("prune", "keep"),
         "topk_per_block": ("7", 7),

@@ -209,10 +209,10 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, family, monkey
 
     real = prog._finetune
 
-    def dying(model, tokenizer, settings, it, workdir):
+    def dying(model, tokenizer, settings, it, workdir, *rest):
         if it.iteration == 2:
             raise KeyboardInterrupt("killed")
-        return real(model, tokenizer, settings, it, workdir)
+        return real(model, tokenizer, settings, it, workdir, *rest)
 
     monkeypatch.setattr(prog, "_finetune", dying)
     with pytest.raises(KeyboardInterrupt):

@@ -255,3 +255,27 @@ def test_a_transposed_weight_gives_the_same_result(native):
     a = sparsegpt_prune(w, h, pattern="hybrid", native=native)
     b = sparsegpt_prune(w.t().contiguous().t(), h.t().contiguous().t(), pattern="hybrid", native=native)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("group", ["row", "layer"])
+def test_tiers_rechosen_per_chunk_keep_each_chunks_counts_and_the_previous_map(group):
+    """With the loss rule, each chunk's tiers are chosen again on the updated weights with the same counts."""
+    from hf_hybrid_sparse.pruning.patterns import DENSE, NM, TOPK, check_hybrid
+
+    w, h = _problem(rows=64, cols=256, seed=0)
+    kw = dict(pattern="hybrid", tier_group=group, blocksize=64)
+    _, _, upfront = sparsegpt_prune(w, h, rechoose_tiers=False, **kw)
+    new_w, keep, tiers = sparsegpt_prune(w, h, rechoose_tiers=True, **kw)
+    assert not torch.equal(tiers, upfront), "the updated weights changed some block's tier"
+    for c0 in range(0, 16, 4):  # chunks of 64 columns = 4 block columns
+        a, b = upfront[:, c0 : c0 + 4], tiers[:, c0 : c0 + 4]
+        if group == "layer":
+            a, b = a.reshape(1, -1), b.reshape(1, -1)
+        for code in (DENSE, NM, TOPK):
+            assert torch.equal((a == code).sum(1), (b == code).sum(1))
+    assert check_hybrid(keep, tiers, 16, 2, 4, 15) == []
+    assert (new_w[~keep] == 0).all()
+    previous = upfront.clone()
+    previous[previous == DENSE] = NM  # a later iteration: nothing may move back to DENSE
+    _, _, again = sparsegpt_prune(w, h, previous_tiers=previous, tier_ratios=(0.0, 0.6, 0.4), **kw)
+    assert (again >= previous).all()

@@ -42,6 +42,8 @@ from .version import __version__
 _LAZY = {
     "SparseTrainer": "training.trainer",
     "SparsityMaskCallback": "training.trainer",
+    "DistillationConfig": "training.distill",
+    "dense_teacher": "training.distill",
     "get_sparse_peft_model": "training.lora",
     "merge_sparse_lora": "training.lora",
     "load_sparse_peft_model": "training.lora",
@@ -69,6 +71,8 @@ __all__ = [
     "__version__",
     "SparseTrainer",
     "SparsityMaskCallback",
+    "DistillationConfig",
+    "dense_teacher",
     "get_sparse_peft_model",
     "merge_sparse_lora",
     "load_sparse_peft_model",

@@ -18,6 +18,8 @@ QUANT_METHOD = "hybrid_sparse"
 LOADING_ATTRIBUTES = ("use_kernels",)
 METHODS = ("magnitude", "wanda", "sparsegpt")
 GROUPS = ("row", "layer")
+TIER_RULES = ("loss", "score")
+ALLOCATIONS = ("uniform", "owl")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -56,10 +58,19 @@ class HybridSparseConfig(QuantizationConfigMixin):
         method: ``"magnitude"`` (|W|), ``"wanda"`` (|W| * ||X_j||_2) or ``"sparsegpt"`` (OBS with weight update).
         pattern: ``"unstructured"``, an ``"N:M"`` string (N kept of every M consecutive inputs) or ``"hybrid"``.
         sparsity: fraction of weights removed by the ``unstructured`` pattern, in [0, 1).
-        comparison_group: ``"row"`` (per output row, as Wanda) or ``"layer"`` for ``unstructured``.
+        comparison_group: ``"row"`` (per output row, as Wanda) or ``"layer"`` for ``unstructured`` (with
+            SparseGPT, ``"layer"`` chooses each lazy-update chunk's mask over all rows, as the paper does).
+            ``None`` (default) resolves to the method's paper: ``"layer"`` for ``sparsegpt``, else ``"row"``.
         block_size: side of the square blocks of the ``hybrid`` pattern.
         tier_ratios: fractions of blocks that are DENSE, NM, TOPK; non-negative, summing to 1.
         tier_group: rank blocks across the whole ``"layer"`` or within each block-``"row"``.
+        tier_rule: ``"loss"`` (default): tiers that remove the least score mass (squared Wanda/magnitude
+            score, SparseGPT saliency) under the tier counts, solved exactly; ``"score"``: blocks ranked by
+            summed score (the first rule).
+        layer_allocation: ``"uniform"`` (default) or ``"owl"``: one pass over the dense model measures each
+            decoder block's share of outlier scores (above ``owl_threshold`` x mean) and blocks with more
+            keep more weights, by at most ``owl_lambda`` of density; the model-wide DENSE/NM/TOPK counts
+            (hybrid) or sparsity (unstructured) stay as asked (see ``engine/allocation.py``).
         nm: the N:M pattern inside NM blocks (along the input dimension).
         nm_convention: what N counts in ``pattern``/``nm`` when they could be read two ways: ``"keep"``
             (NVIDIA: ``"3:4"`` keeps 3) or ``"prune"`` (SparseGPT/Wanda/llm-compressor: ``"3:4"`` prunes 3).
@@ -92,10 +103,11 @@ class HybridSparseConfig(QuantizationConfigMixin):
         metadata={"help": "unstructured, an N:M string (N kept of every M inputs, e.g. 2:4) or hybrid."},
     )
     sparsity: float = field(default=0.5, metadata={"help": "Fraction pruned by the unstructured pattern."})
-    comparison_group: str = field(
-        default="row",
+    comparison_group: str | None = field(
+        default=None,
         metadata={
-            "help": "unstructured: compare weights per output row (as Wanda) or per layer.",
+            "help": "unstructured: compare weights per output row or per layer (SparseGPT: per 128-column "
+            "chunk over all rows). Default: each method's paper, row for wanda/magnitude, layer for sparsegpt.",
             "choices": list(GROUPS),
         },
     )
@@ -110,6 +122,28 @@ class HybridSparseConfig(QuantizationConfigMixin):
             "help": "Rank blocks across the whole layer or within each block-row.",
             "choices": list(GROUPS),
         },
+    )
+    tier_rule: str = field(
+        default="loss",
+        metadata={
+            "help": "How blocks get tiers: loss (least score mass removed under the tier counts, exact) or "
+            "score (rank blocks by summed score; the first rule).",
+            "choices": list(TIER_RULES),
+        },
+    )
+    layer_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "How the budget is spread over layers: uniform (every layer the same) or owl (layers "
+            "with more activation outliers keep more weights; model-wide shares unchanged).",
+            "choices": list(ALLOCATIONS),
+        },
+    )
+    owl_threshold: float = field(
+        default=5.0, metadata={"help": "OWL: a score is an outlier above this many times its block's mean."}
+    )
+    owl_lambda: float = field(
+        default=0.08, metadata={"help": "OWL: largest density shift of a block from the model-wide target."}
     )
     nm: str = field(default="2:4", metadata={"help": "N:M pattern inside NM blocks, along the input."})
     nm_convention: str | None = field(
@@ -171,6 +205,8 @@ class HybridSparseConfig(QuantizationConfigMixin):
 
     def __post_init__(self) -> None:
         self._normalize_types()
+        if self.comparison_group is None:
+            self.comparison_group = "layer" if self.method == "sparsegpt" else "row"
         self._canonical_nm()
         self.validate()
 
@@ -242,6 +278,21 @@ class HybridSparseConfig(QuantizationConfigMixin):
         for name in ("comparison_group", "tier_group"):
             if getattr(self, name) not in GROUPS:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose 'row' or 'layer'.")
+        if self.tier_rule not in TIER_RULES:
+            raise ConfigError(f"tier_rule={self.tier_rule!r}; choose one of {', '.join(TIER_RULES)}.")
+        if self.layer_allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"layer_allocation={self.layer_allocation!r}; choose one of {', '.join(ALLOCATIONS)}."
+            )
+        if self.layer_allocation != "uniform" and self.pattern not in ("unstructured", "hybrid"):
+            raise ConfigError(
+                f"layer_allocation={self.layer_allocation!r} spreads an unstructured or hybrid budget; an N:M "
+                f"pattern ({self.pattern}) is the same in every layer. Use layer_allocation='uniform'."
+            )
+        if not (self.owl_threshold > 0):
+            raise ConfigError(f"owl_threshold={self.owl_threshold} must be positive (OWL uses 5).")
+        if not (0 <= self.owl_lambda < 0.5):
+            raise ConfigError(f"owl_lambda={self.owl_lambda} must be in [0, 0.5) (OWL uses about 0.08).")
         if self.indivisible not in ("error", "skip"):
             raise ConfigError(f"indivisible={self.indivisible!r}; choose 'error' or 'skip'.")
         if len(self.tier_ratios) != 3:

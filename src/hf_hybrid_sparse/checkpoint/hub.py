@@ -95,7 +95,9 @@ def _recipe_rows(recipe: dict[str, Any]) -> list[tuple[str, Any]]:
     if pattern == "hybrid" or ":" in pattern:
         unused.add("sparsity")
     if pattern != "hybrid":
-        unused |= {"tier_ratios", "tier_group", "topk_per_block", "tier_scoring"}
+        unused |= {"tier_ratios", "tier_group", "topk_per_block", "tier_rule"}
+    if recipe.get("layer_allocation", "uniform") == "uniform":
+        unused |= {"owl_threshold", "owl_lambda"}
     return [(k, v) for k, v in recipe.items() if k not in unused]
 
 

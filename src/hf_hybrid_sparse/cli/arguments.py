@@ -120,6 +120,47 @@ class CalibrationArguments:
         return self.calib if spec == CalibrationSet(self.calib) else spec
 
 
+def _make_distillation_arguments() -> type:
+    """``--distill``, ``--teacher`` and one ``--distill_<field>`` flag per :class:`DistillationConfig` field."""
+    from ..training.distill import DistillationConfig
+
+    own = [
+        (
+            "distill",
+            bool,
+            field(
+                default=False,
+                metadata={
+                    "help": "Fine-tune against a dense teacher (progressive: the starting model, or --teacher)."
+                },
+            ),
+        ),
+        ("teacher", str | None, field(default=None, metadata={"help": "Teacher model (same tokenizer)."})),
+    ]
+    derived = [
+        (f"distill_{f.name}", float, field(default=f.default, metadata={"help": f.metadata["help"]}))
+        for f in dataclasses.fields(DistillationConfig)
+    ]
+
+    def distillation_config(self) -> DistillationConfig | None:
+        """The :class:`DistillationConfig` these flags describe (``None`` without ``--distill``)."""
+        if not self.distill:
+            return None
+        return DistillationConfig(
+            **{f.name: getattr(self, f"distill_{f.name}") for f in dataclasses.fields(DistillationConfig)}
+        )
+
+    cls = dataclasses.make_dataclass(
+        "DistillationArguments", own + derived, namespace={"distillation_config": distillation_config}
+    )
+    cls.__module__ = __name__
+    cls.__doc__ = "Distillation from a dense teacher during fine-tuning."
+    return cls
+
+
+DistillationArguments = _make_distillation_arguments()
+
+
 def say(text: str) -> None:
     """Command output for the user (tables, results): stdout, not logging."""
     sys.stdout.write(text + "\n")

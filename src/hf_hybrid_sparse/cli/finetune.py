@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..errors import HybridSparseError
-from .arguments import ModelArguments, preflight, say
+from .arguments import DistillationArguments, ModelArguments, preflight, say
 
 
 @dataclass
@@ -39,9 +39,12 @@ class FinetuneArguments:
 
 def run(argv: list[str]) -> int:
     """Parse ``argv``, fine-tune with :class:`SparseTrainer`, print perplexity before/after, save."""
-    parser = HfArgumentParser((ModelArguments, FinetuneArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, FinetuneArguments, DistillationArguments, TrainingArguments))
     parser.prog = "hf-hybrid-sparse finetune"
-    model_args, ft, targs = parser.parse_args_into_dataclasses(args=argv)
+    model_args, ft, distill_args, targs = parser.parse_args_into_dataclasses(args=argv)
+    distillation = distill_args.distillation_config()
+    if distillation is not None and not distill_args.teacher:
+        raise HybridSparseError("--distill needs --teacher: the dense model the pruned one came from.")
     if ft.lora_mode not in ("masked", "remask"):
         raise HybridSparseError(f"--lora_mode {ft.lora_mode!r}: choose masked or remask.")
     preflight(model_args.model, (ft.seqlen,), calib=ft.data, save=ft.final_dir)
@@ -54,6 +57,13 @@ def run(argv: list[str]) -> int:
     from ..training.trainer import SparseTrainer
 
     model, tokenizer = load_model_and_tokenizer(model_args.model, model_args.dtype, model_args.device_map)
+    distill: dict = {}
+    if distillation is not None:
+        from ..training.distill import check_tokenizers
+
+        teacher, teacher_tokenizer = load_model_and_tokenizer(distill_args.teacher, model_args.dtype)
+        check_tokenizers(tokenizer, teacher_tokenizer)
+        distill = dict(teacher_model=teacher, distillation=distillation)
     train = lm_dataset(ft.data, tokenizer, ft.seqlen, ft.max_samples)
 
     def ppl(m) -> float:
@@ -73,7 +83,7 @@ def run(argv: list[str]) -> int:
             task_type="CAUSAL_LM",
         )
         target = get_sparse_peft_model(model, lora, mode=ft.lora_mode)
-    trainer = SparseTrainer(model=target, args=targs, train_dataset=train)
+    trainer = SparseTrainer(model=target, args=targs, train_dataset=train, **distill)
     trainer.train()
     if ft.lora_r > 0:
         model, merge_report = merge_sparse_lora(target)

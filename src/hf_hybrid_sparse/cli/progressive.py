@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from ..errors import HybridSparseError
-from .arguments import CalibrationArguments, ModelArguments, RecipeArguments, preflight, recipe_from_args, say
+from .arguments import (
+    CalibrationArguments,
+    DistillationArguments,
+    ModelArguments,
+    RecipeArguments,
+    preflight,
+    recipe_from_args,
+    say,
+)
 
 
 @dataclass
@@ -41,7 +49,9 @@ class ProgressiveArguments:
 
 def build_parser() -> HfArgumentParser:
     """The argument parser of ``progressive`` (``--help`` lists every flag with its default)."""
-    parser = HfArgumentParser((ModelArguments, RecipeArguments, CalibrationArguments, ProgressiveArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, RecipeArguments, CalibrationArguments, ProgressiveArguments, DistillationArguments)
+    )
     parser.prog = "hf-hybrid-sparse progressive"
     return parser
 
@@ -49,7 +59,7 @@ def build_parser() -> HfArgumentParser:
 def run(argv: list[str]) -> int:
     """Parse ``argv``, run or resume the schedule, print the per-iteration summary."""
     parser = build_parser()
-    model_args, recipe_args, calib_args, args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, recipe_args, calib_args, args, distill_args = parser.parse_args_into_dataclasses(args=argv)
     if not args.schedule or not args.output:
         raise HybridSparseError("--schedule and --output are required.")
     if any(a.split("=")[0] in ("--tier_ratios", "--tier-ratios") for a in argv):
@@ -61,6 +71,11 @@ def run(argv: list[str]) -> int:
             f"progressive prunes into hybrid tiers; --pattern {recipe_args.pattern!r} is not 'hybrid'."
         )
     config = recipe_from_args(recipe_args)
+    distillation = distill_args.distillation_config()
+    if distillation is not None and args.finetune_steps <= 0:
+        raise HybridSparseError("--distill needs fine-tuning: set --finetune_steps (per iteration).")
+    if distill_args.teacher:
+        raise HybridSparseError("progressive distils from the dense model it starts from; drop --teacher.")
     preflight(
         model_args.model, (config.seqlen, args.eval_seqlen, args.finetune_seqlen), calib=calib_args.calib
     )
@@ -84,6 +99,7 @@ def run(argv: list[str]) -> int:
         eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows,
         seed=config.seed,
+        distillation=distillation,
     )
     summary = run_progressive(
         model, tokenizer, schedule, settings, args.output, resume=args.resume, model_id=model_args.model

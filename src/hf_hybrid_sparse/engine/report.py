@@ -46,6 +46,9 @@ class SparsityReport:
     modules: list[ModuleReport] = field(default_factory=list)
     seconds: float = 0.0
     calibration_tokens: int = 0
+    allocation: dict[str, Any] | None = (
+        None  # layer_allocation="owl": outlier ratios, shifts, per-layer counts
+    )
 
     @property
     def total_params(self) -> int:
@@ -77,6 +80,7 @@ class SparsityReport:
             "tier_totals": self.tier_totals(),
             "seconds": self.seconds,
             "calibration_tokens": self.calibration_tokens,
+            "allocation": self.allocation,
         }
 
     def summary(self) -> str:
@@ -91,6 +95,12 @@ class SparsityReport:
         blocks = tier_shares(self.tier_totals())
         if blocks:
             lines.append(blocks)
+        if self.allocation:
+            sparsities = [m.sparsity for m in pruned]
+            lines.append(
+                f"allocation: {cfg.get('layer_allocation')} (per-layer sparsity "
+                f"{min(sparsities):.1%}..{max(sparsities):.1%}; per-layer tiers in the table)"
+            )
         lines.append(f"time: {self.seconds:.1f} s on {self.calibration_tokens:,} calibration tokens")
         return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from ..logs import get_logger, tqdm, warn_if_long
 from ..pruning.matrix import prune_matrix
 from ..pruning.patterns import TIER_NAMES
 from ..state import ParamSparsity, get_state, set_param_state
+from .allocation import Allocation, allocate, block_scores_of, outlier_ratio
 from .capture import capture_block_inputs
 from .discovery import Target
 from .offload import is_offloaded, onloaded, write_param
@@ -41,6 +42,7 @@ def _prune_target(
     config: HybridSparseConfig,
     stats: Any,
     previous: torch.Tensor | None,
+    allocation: Allocation | None = None,
 ) -> tuple[torch.Tensor, ParamSparsity, ModuleReport]:
     param = target.param
     weight = _logical(param.detach(), target.transposed).float()
@@ -53,7 +55,12 @@ def _prune_target(
     if old_state is not None:
         old_mask = _logical(old_state.mask, old_state.transposed).to(weight.device)
     outs, masks, tiers = [], [], []
-    for e, _ in matrices(target):
+    layer_counts = None if allocation is None else allocation.counts.get(target.name)
+    if allocation is not None and target.name in allocation.sparsity:
+        config = HybridSparseConfig.from_dict(
+            config.to_dict() | {"sparsity": allocation.sparsity[target.name]}
+        )
+    for index, (e, _) in enumerate(matrices(target)):
         w = weight if e is None else weight[e]
         st = stats if e is None else (stats[e] if stats is not None else None)
         cfg = config
@@ -70,6 +77,7 @@ def _prune_target(
             st,
             previous_tiers=None if previous is None else (previous if e is None else previous[e]),
             old_mask=None if old_mask is None else (old_mask if e is None else old_mask[e]),
+            layer_counts=None if layer_counts is None else layer_counts[index],
         )
         outs.append(res.weight)
         masks.append(res.mask)
@@ -114,6 +122,47 @@ def _done_message(failed: int, total: int) -> str:
     )
 
 
+def _to_compute(block: nn.Module, compute: torch.device | None) -> torch.device | None:
+    """Move an in-memory block to ``compute``; returns where it was (``None``: not moved)."""
+    if compute is None or is_offloaded(block) or getattr(block, "_hf_hook", None) is not None:
+        return None
+    here = execution_device(block)
+    if here == compute:
+        return None
+    block.to(compute)
+    return here
+
+
+def _outlier_ratios(p: Plan, config: HybridSparseConfig, captured, hidden, compute) -> list[float | None]:
+    """OWL's pre-pass over the dense model: each block's outlier ratio (its dense outputs feed the next)."""
+    ratios: list[float | None] = []
+    bar = tqdm(total=len(p.blocks), desc="Measuring outliers (OWL)", unit="block")
+    try:
+        for i, block in enumerate(p.blocks):
+            targets = p.targets[i]
+            moved_from = _to_compute(block, compute)
+            stats: dict[str, Any] = {}
+            if captured is not None:
+                outs = []
+                with collecting(targets, hessian=False) as stats:
+                    for b, h in enumerate(hidden):
+                        outs.append(
+                            captured.calls[i][b].call(block, h.to(execution_device(block))).to(h.device)
+                        )
+                hidden = outs
+            with onloaded(block):
+                scores = block_scores_of(
+                    targets, stats, lambda t: _logical(t.param.detach(), t.transposed).float()
+                )
+                ratios.append(outlier_ratio(scores, config.owl_threshold) if scores else None)
+            if moved_from is not None:
+                block.to(moved_from)
+            bar.update(1)
+    finally:
+        bar.close()
+    return ratios
+
+
 def _walk(
     model, config: HybridSparseConfig, calib_dataset, tokenizer, p: Plan, report: SparsityReport
 ) -> None:
@@ -134,18 +183,17 @@ def _walk(
 
     was_training = model.training
     model.eval()
+    allocation = None
+    if config.layer_allocation == "owl":
+        ratios = _outlier_ratios(p, config, captured, hidden if needs_data else None, compute)
+        allocation = allocate(p, config, ratios, p.previous)
+        report.allocation = allocation.to_dict()
     bar = tqdm(total=len(blocks), desc="Pruning blocks", unit="block")
     started = time.perf_counter()
     try:
         for i, block in enumerate(blocks):
             block_name = f"{p.blocks_path}.{i}"
-            moved_from = None
-            if compute is not None and not is_offloaded(block) and getattr(block, "_hf_hook", None) is None:
-                moved_from = execution_device(block)
-                if moved_from != compute:
-                    block.to(compute)
-                else:
-                    moved_from = None
+            moved_from = _to_compute(block, compute)
             targets = p.targets[i]
             stats: dict[str, Any] = {}
             if needs_data and targets:
@@ -160,7 +208,12 @@ def _walk(
                 for t in targets:
                     try:
                         results.append(
-                            (t, *_prune_target(t, config, stats.get(t.name), p.previous.get(t.name)))
+                            (
+                                t,
+                                *_prune_target(
+                                    t, config, stats.get(t.name), p.previous.get(t.name), allocation
+                                ),
+                            )
                         )
                     except Exception as exc:
                         raise PruningError(

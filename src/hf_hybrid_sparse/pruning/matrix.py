@@ -8,7 +8,15 @@ import torch
 
 from ..config import HybridSparseConfig
 from ..errors import ModelStructureError
-from .patterns import assign_tiers, block_scores, check_tileable, hybrid_mask, nm_mask, unstructured_mask
+from .patterns import (
+    assign_tiers,
+    check_tileable,
+    checked_previous,
+    hybrid_mask,
+    hybrid_tiers,
+    nm_mask,
+    unstructured_mask,
+)
 from .scoring import InputStats, demote_pruned, magnitude_scores, wanda_scores
 from .sparsegpt import hessian_factor, sparsegpt_prune
 
@@ -36,9 +44,13 @@ def check_previous_tiers(shape: tuple[int, int], config: HybridSparseConfig, pre
     """Validate a previous tier map against a ``[out, in]`` matrix before any weight is touched.
 
     A dry run of :func:`assign_tiers` on zero scores: it checks the shape, the codes, and that the
-    target ratios move no block to a denser tier.
+    target ratios move no block to a denser tier. With a layer-wise allocation the counts are the
+    allocation's (checked when it is made), so only the shape and the codes are checked here.
     """
     blocks = (shape[0] // config.block_size, shape[1] // config.block_size)
+    if config.layer_allocation != "uniform":
+        checked_previous(previous, blocks, previous.device)
+        return
     assign_tiers(torch.zeros(blocks, dtype=torch.float32), config.tier_ratios, config.tier_group, previous)
 
 
@@ -48,11 +60,14 @@ def prune_matrix(
     stats: InputStats | None = None,
     previous_tiers: torch.Tensor | None = None,
     old_mask: torch.Tensor | None = None,
+    layer_counts: tuple[int, int, int] | None = None,
 ) -> MatrixResult:
     """Prune a logical ``[out, in]`` weight; ``stats`` are needed for ``wanda`` and ``sparsegpt``.
 
     ``old_mask`` is the keep-mask of an earlier pruning: its pruned weights rank below every kept
     one, so they stay pruned whenever the new pattern removes at least as many per group.
+    ``layer_counts``: this layer's DENSE/NM/TOPK block counts from a layer-wise allocation (hybrid), in place
+    of ``config.tier_ratios``.
     """
     problem = shape_problem(tuple(weight.shape), config)
     if problem:
@@ -75,6 +90,8 @@ def prune_matrix(
             topk_per_block=config.topk_per_block,
             tier_ratios=config.tier_ratios,
             tier_group=config.tier_group,
+            tier_rule=config.tier_rule,
+            layer_counts=layer_counts,
             previous_tiers=previous_tiers,
             old_mask=old_mask,
             dampening=config.dampening,
@@ -94,13 +111,21 @@ def prune_matrix(
     if config.pattern == "unstructured":
         mask = unstructured_mask(scores, config.sparsity, config.comparison_group)
     elif config.pattern == "hybrid":
-        tiers = assign_tiers(
-            block_scores(scores.clamp_min(0), config.block_size),
+        n, m = config.nm_tuple
+        # the loss rule weighs a weight by the output error its removal causes, (|W_ij| ||X_j||)^2
+        costs = scores.clamp_min(0).pow(2) if config.tier_rule == "loss" else scores
+        tiers = hybrid_tiers(
+            costs,
             config.tier_ratios,
             config.tier_group,
             previous_tiers,
+            bs=config.block_size,
+            n=n,
+            m=m,
+            k=config.topk_per_block,
+            rule=config.tier_rule,
+            layer_counts=layer_counts,
         )
-        n, m = config.nm_tuple
         mask = hybrid_mask(scores, tiers, config.block_size, n, m, config.topk_per_block)
     else:
         n, m = config.pattern_nm

@@ -14,6 +14,11 @@ Conventions, shared by every part of the package:
 * Unstructured sparsity ``s`` prunes exactly ``floor(s * in_features)`` weights per row
   (``comparison_group="row"``) or ``floor(s * numel)`` per layer (``"layer"``), as Wanda does.
 * Ties are broken by position (the earlier index ranks higher), so masks are deterministic.
+
+Two tier rules (``HybridSparseConfig.tier_rule``): ``"score"`` ranks blocks by their summed score
+(DENSE to the highest); ``"loss"`` (the default) gives each block the cost of each tier, the score
+mass that tier would remove from *that* block (:func:`tier_costs`), and chooses the assignment with
+the smallest total cost under the tier counts, exactly (:func:`assign_tiers_min_loss`).
 """
 
 from __future__ import annotations
@@ -99,51 +104,254 @@ def check_tileable(shape: tuple[int, int], bs: int, m: int) -> str | None:
     return None
 
 
+def checked_previous(previous: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor | None:
+    if previous is None:
+        return None
+    previous = previous.to(device=device)
+    if tuple(previous.shape) != tuple(shape):
+        raise TierMapError(
+            f"previous tier map has shape {tuple(previous.shape)}, the layer needs {tuple(shape)}."
+        )
+    if previous.numel() and (previous.min() < DENSE or previous.max() > TOPK):
+        raise TierMapError(f"previous tier map holds codes outside {DENSE}..{TOPK}.")
+    return previous.long()
+
+
+def _spread(total: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor | None:
+    """Integers ``lo <= x <= hi`` summing to ``total``, as even as the bounds allow (``None``: impossible)."""
+    if int(lo.sum()) > total or int(hi.sum()) < total:
+        return None
+    x = lo.clone()
+    # raise the lowest entries one level at a time: water-filling on integers, earliest rows first
+    while int(x.sum()) < total:
+        room = x < hi
+        level = int(x[room].min())
+        at = torch.nonzero(room & (x == level)).flatten()
+        at = at[: total - int(x.sum())]
+        x[at] += 1
+    return x
+
+
+def group_counts(
+    shape: tuple[int, int],
+    ratios: tuple[float, float, float],
+    group: str = "layer",
+    previous: torch.Tensor | None = None,
+    layer_counts: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Blocks per tier for each comparison group of a ``[R, C]`` tier map: ``[G, 3]`` (G = 1 or R).
+
+    Without ``layer_counts`` every group rounds ``ratios`` (see the module doc). With them (a layer-wise
+    allocation, exact counts for the whole layer), a ``"row"`` grouping spreads them over the block-rows as
+    evenly as the previous tier map allows. Raises :class:`TierMapError` if a group would need a block to
+    move to a denser tier than ``previous`` gives it.
+    """
+    r, c = shape
+    g, per = (1, r * c) if group == "layer" else (r, c)
+    prev = None if previous is None else previous.reshape(g, per).long()
+    if layer_counts is None or group == "layer":
+        one = tier_counts(per, ratios) if layer_counts is None else tuple(int(v) for v in layer_counts)
+        if sum(one) != per or min(one) < 0:
+            raise TierMapError(f"tier counts {one} do not cover the {per} blocks of a {group}.")
+        counts = torch.tensor([one] * g, dtype=torch.long)
+    else:
+        n_dense, n_nm, n_topk = (int(v) for v in layer_counts)
+        if n_dense + n_nm + n_topk != r * c or min(n_dense, n_nm, n_topk) < 0:
+            raise TierMapError(
+                f"tier counts {tuple(layer_counts)} do not cover the {r * c} blocks of the layer."
+            )
+        full = torch.full((g,), per, dtype=torch.long)
+        cap_dense = full if prev is None else (prev == DENSE).sum(1).cpu()
+        cap_le_nm = full if prev is None else (prev <= NM).sum(1).cpu()
+        dense = _spread(n_dense, torch.zeros_like(full), cap_dense)
+        topk = None if dense is None else _spread(n_topk, full - cap_le_nm, full - dense)
+        if topk is None:
+            raise TierMapError(
+                f"the layer's allocation ({n_dense} DENSE, {n_nm} NM, {n_topk} TOPK blocks) cannot be spread "
+                "over its block-rows without moving a block to a denser tier than the previous tier map."
+            )
+        counts = torch.stack([dense, full - dense - topk, topk], dim=1)
+    if prev is not None:
+        have_dense = (prev == DENSE).sum(dim=1).cpu()
+        have_le_nm = (prev <= NM).sum(dim=1).cpu()
+        need_dense, need_le_nm = counts[:, 0], counts[:, 0] + counts[:, 1]
+        if (have_dense < need_dense).any() or (have_le_nm < need_le_nm).any():
+            worst = int(
+                torch.argmax((need_dense - have_dense).clamp_min(0) + (need_le_nm - have_le_nm).clamp_min(0))
+            )
+            raise TierMapError(
+                f"target tiers need {int(need_dense[worst])} DENSE and {int(need_le_nm[worst])} DENSE-or-NM "
+                f"blocks per {group}, but the previous tier map has only {int(have_dense[worst])} and "
+                f"{int(have_le_nm[worst])}: blocks would move to a denser tier."
+            )
+    return counts
+
+
+def _keep_counts(keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the ``k[g]`` highest entries of each row ``g`` of ``keys`` (earlier index wins ties)."""
+    order = torch.sort(-keys, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(order))
+    return ranks < k.to(keys.device).unsqueeze(1)
+
+
 def assign_tiers(
     blk_scores: torch.Tensor,
     ratios: tuple[float, float, float],
     group: str = "layer",
     previous: torch.Tensor | None = None,
+    layer_counts: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Tier map (int8 ``[R, C]``) ranking blocks by score within the layer or each block-row.
+    """Tier map (int8 ``[R, C]``) ranking blocks by summed score within the layer or each block-row.
 
     With a ``previous`` tier map, blocks only move to sparser tiers: DENSE is chosen among the
     previous DENSE blocks, NM among the remaining previous DENSE/NM blocks, the rest is TOPK;
     within each choice the highest-scoring eligible blocks win (so the blocks that move are the
-    lowest-scoring ones of their current tier).
+    lowest-scoring ones of their current tier). ``layer_counts``: exact counts for the layer
+    (see :func:`group_counts`) instead of ``ratios``.
     """
     r, c = blk_scores.shape
-    keys = blk_scores.reshape(1, -1) if group == "layer" else blk_scores
-    prev = None
-    if previous is not None:
-        previous = previous.to(device=blk_scores.device)
-        if tuple(previous.shape) != (r, c):
-            raise TierMapError(
-                f"previous tier map has shape {tuple(previous.shape)}, the layer needs {(r, c)}."
-            )
-        if previous.numel() and (previous.min() < DENSE or previous.max() > TOPK):
-            raise TierMapError(f"previous tier map holds codes outside {DENSE}..{TOPK}.")
-        prev = previous.reshape(keys.shape).long()
-    n_dense, n_nm, _ = tier_counts(keys.shape[1], ratios)
-    if prev is not None:
-        have_dense = (prev == DENSE).sum(dim=1)
-        have_le_nm = (prev <= NM).sum(dim=1)
-        if (have_dense < n_dense).any() or (have_le_nm < n_dense + n_nm).any():
-            raise TierMapError(
-                f"target tiers need {n_dense} DENSE and {n_dense + n_nm} DENSE-or-NM blocks per "
-                f"{group}, but the previous tier map has only {int(have_dense.min())} and "
-                f"{int(have_le_nm.min())}: blocks would move to a denser tier."
-            )
+    g = 1 if group == "layer" else r
+    previous = checked_previous(previous, (r, c), blk_scores.device)
+    counts = group_counts((r, c), ratios, group, previous, layer_counts)
+    return _rank_by_keys(blk_scores.double().reshape(g, -1), counts, previous, g).to(torch.int8).reshape(r, c)
+
+
+def _rank_by_keys(keys: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None, g: int) -> torch.Tensor:
+    """``[G, B]`` tier codes: per group, DENSE to the highest keys, then NM, the rest TOPK (``previous`` honoured)."""
+    prev = None if previous is None else previous.reshape(g, -1)
     floor = torch.finfo(torch.float64).min
-    keys = keys.double()
-    tiers = torch.full(keys.shape, TOPK, dtype=torch.int8, device=keys.device)
+    tiers = torch.full(keys.shape, TOPK, dtype=torch.long, device=keys.device)
     eligible_dense = torch.ones_like(keys, dtype=torch.bool) if prev is None else prev == DENSE
-    dense = _sorted_keep(torch.where(eligible_dense, keys, floor), n_dense) & eligible_dense
+    dense = _keep_counts(torch.where(eligible_dense, keys, floor), counts[:, 0]) & eligible_dense
     eligible_nm = (~dense) if prev is None else ((prev <= NM) & ~dense)
-    nm = _sorted_keep(torch.where(eligible_nm, keys, floor), n_nm) & eligible_nm
+    nm = _keep_counts(torch.where(eligible_nm, keys, floor), counts[:, 1]) & eligible_nm
     tiers[nm] = NM
     tiers[dense] = DENSE
-    return tiers.reshape(r, c)
+    return tiers
+
+
+def tier_costs(scores: torch.Tensor, bs: int, n: int, m: int, k: int) -> torch.Tensor:
+    """Score mass each tier would remove from each block: ``[R, C, 3]`` fp64 (DENSE, NM, TOPK).
+
+    ``scores`` are non-negative per-weight costs of pruning (``[out, in]``); DENSE removes nothing,
+    NM the ``m - n`` lowest of every ``m`` inputs of each row, TOPK all but the ``k`` highest.
+    """
+    blocks = to_blocks(scores.float(), bs)
+    r, c = blocks.shape[:2]
+    total = blocks.sum(dim=(2, 3), dtype=torch.float64)
+    flat = blocks.reshape(r, c, bs * bs)
+    topk_kept = flat.topk(k, dim=-1).values.sum(-1, dtype=torch.float64) if k else torch.zeros_like(total)
+    groups = blocks.reshape(r, c, bs, bs // m, m)
+    nm_kept = groups.topk(n, dim=-1).values.sum(dim=(-1, -2, -3), dtype=torch.float64)
+    zero = torch.zeros_like(total)
+    return torch.stack([zero, (total - nm_kept).clamp_min(0), (total - topk_kept).clamp_min(0)], dim=-1)
+
+
+def hybrid_tiers(
+    scores: torch.Tensor,
+    ratios: tuple[float, float, float],
+    group: str,
+    previous: torch.Tensor | None,
+    *,
+    bs: int,
+    n: int,
+    m: int,
+    k: int,
+    rule: str = "loss",
+    layer_counts: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Tier map for per-weight pruning costs ``scores`` (``[out, in]``, negatives count as 0) by ``rule``."""
+    scores = scores.clamp_min(0)
+    if rule == "score":
+        return assign_tiers(block_scores(scores, bs), ratios, group, previous, layer_counts)
+    return assign_tiers_min_loss(tier_costs(scores, bs, n, m, k), ratios, group, previous, layer_counts)
+
+
+def _split_two(cost, tiers, x: int, y: int, n_y: torch.Tensor, forbid: float) -> torch.Tensor:
+    """Best split of the blocks now in tiers ``x`` or ``y`` (per group): ``y`` takes the ``n_y`` blocks
+    with the smallest ``cost_y - cost_x`` (exact for two tiers)."""
+    pool = (tiers == x) | (tiers == y)
+    gain = torch.where(pool, cost[..., x] - cost[..., y], torch.full_like(cost[..., 0], -forbid * 4))
+    to_y = _keep_counts(gain, n_y) & pool
+    return torch.where(pool, torch.where(to_y, y, x), tiers)
+
+
+def assign_tiers_min_loss(
+    costs: torch.Tensor,
+    ratios: tuple[float, float, float],
+    group: str = "layer",
+    previous: torch.Tensor | None = None,
+    layer_counts: tuple[int, int, int] | None = None,
+    max_rounds: int = 100_000,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tier map (int8 ``[R, C]``) with the smallest total cost under the tier counts of each group.
+
+    ``costs`` is :func:`tier_costs`' ``[R, C, 3]``. A transportation problem with three tiers: started from
+    alternating exact two-tier splits, it cancels improving exchanges (two blocks swapping tiers, or three
+    rotating) until none is left, which for three tiers is the optimality condition (no negative cycle
+    through the tier nodes). A ``previous`` tier map forbids moves to denser tiers. ``counts`` (``[G, 3]``)
+    gives each group's tier counts directly (they must be feasible with ``previous``).
+    """
+    r, c = costs.shape[:2]
+    previous = checked_previous(previous, (r, c), costs.device)
+    if counts is None:
+        counts = group_counts((r, c), ratios, group, previous, layer_counts)
+    counts = counts.to(costs.device)
+    g = 1 if group == "layer" else r
+    cost = costs.reshape(g, -1, 3).double().clone()
+    scale = float(cost.abs().max()) if cost.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
+    cost = cost / scale
+    forbid = 1e6 * cost.shape[1] + 1.0  # larger than any sum of real (normalised) costs
+    if previous is not None:
+        prev = previous.reshape(g, -1)
+        cost[..., DENSE] += (prev > DENSE) * forbid
+        cost[..., NM] += (prev > NM) * forbid
+    # a feasible start: the summed-score rule on "what TOPK would cost" (it honours `previous`)
+    tiers = _rank_by_keys(costs[..., TOPK].double().reshape(g, -1), counts, previous, g)
+    for _ in range(8):  # coordinate descent over the three pairs of tiers
+        before = tiers
+        tiers = _split_two(cost, tiers, NM, TOPK, counts[:, TOPK], forbid)
+        tiers = _split_two(cost, tiers, DENSE, NM, counts[:, NM], forbid)
+        tiers = _split_two(cost, tiers, DENSE, TOPK, counts[:, TOPK], forbid)
+        if torch.equal(before, tiers):
+            break
+    tol = 1e-12 * cost.shape[1]
+    rows = torch.arange(g, device=cost.device)
+    for _ in range(max_rounds):
+        cur = cost.gather(2, tiers.unsqueeze(-1)).squeeze(-1)
+        # move[x][y]: cheapest single block now in x moved to y (value, index), per group
+        move = {}
+        for x in (DENSE, NM, TOPK):
+            for y in (DENSE, NM, TOPK):
+                if x != y:
+                    delta = torch.where(tiers == x, cost[..., y] - cur, torch.full_like(cur, float("inf")))
+                    move[x, y] = delta.min(dim=1)
+        cycles = [
+            ((DENSE, NM), (NM, DENSE)),
+            ((DENSE, TOPK), (TOPK, DENSE)),
+            ((NM, TOPK), (TOPK, NM)),
+            ((DENSE, NM), (NM, TOPK), (TOPK, DENSE)),
+            ((DENSE, TOPK), (TOPK, NM), (NM, DENSE)),
+        ]
+        gains = torch.stack([sum(move[e].values for e in cyc) for cyc in cycles], dim=1)
+        best, which = gains.min(dim=1)
+        todo = best < -tol
+        if not bool(todo.any()):
+            break
+        new = tiers.clone()
+        for ci, cyc in enumerate(cycles):
+            sel = rows[todo & (which == ci)]
+            if sel.numel() == 0:
+                continue
+            for x, y in cyc:
+                new[sel, move[x, y].indices[sel]] = y
+        tiers = new
+    else:  # pragma: no cover - a strictly improving finite search always ends well before this
+        raise TierMapError("tier assignment did not converge")
+    return tiers.to(torch.int8).reshape(r, c)
 
 
 def topk_block_mask(scores: torch.Tensor, bs: int, k: int) -> torch.Tensor:

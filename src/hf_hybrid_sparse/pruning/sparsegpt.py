@@ -16,7 +16,16 @@ import torch
 from ..errors import PruningError
 from ..logs import get_logger
 from ..native import available as use_native
-from .patterns import NM, TOPK, _sorted_keep, assign_tiers, block_scores, expand_tiers, topk_block_mask
+from .patterns import (
+    NM,
+    TOPK,
+    _sorted_keep,
+    assign_tiers_min_loss,
+    expand_tiers,
+    hybrid_tiers,
+    tier_costs,
+    topk_block_mask,
+)
 from .scoring import demote_pruned
 
 logger = get_logger(__name__)
@@ -82,11 +91,14 @@ def sparsegpt_prune(
     topk_per_block: int = 15,
     tier_ratios: tuple[float, float, float] = (0.35, 0.45, 0.20),
     tier_group: str = "layer",
+    tier_rule: str = "loss",
+    layer_counts: tuple[int, int, int] | None = None,
     previous_tiers: torch.Tensor | None = None,
     old_mask: torch.Tensor | None = None,
     dampening: float = 0.01,
     blocksize: int = 128,
     native: bool | None = None,
+    rechoose_tiers: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prune ``weight`` (``[out, in]``) with the OBS update; returns ``(new_weight, keep_mask, tier_map)``.
 
@@ -95,6 +107,9 @@ def sparsegpt_prune(
     layers fed the same input share. ``old_mask`` (keep-mask of an earlier pruning) is honoured:
     weights it removed stay removed. ``native`` runs each chunk's sequential column loop in C++ (default:
     when :mod:`hf_hybrid_sparse.native` is available); the PyTorch loop gives the same result up to rounding.
+    With ``tier_rule="loss"`` and ``rechoose_tiers``, the upfront tier map fixes how many blocks of each tier
+    every chunk gets (per block-row or per chunk), and at the start of each chunk the tiers of its blocks are
+    chosen again, with the same counts, from the saliency of the weights the OBS updates have changed.
     """
     if native is None:
         native = use_native()
@@ -114,11 +129,17 @@ def sparsegpt_prune(
     tiers = None
     per_weight_tier = None
     if pattern == "hybrid":
-        tiers = assign_tiers(
-            block_scores(saliency(W, diag, 0).clamp_min(0), block_size),
+        tiers = hybrid_tiers(
+            saliency(W, diag, 0),
             tier_ratios,
             tier_group,
             previous_tiers,
+            bs=block_size,
+            n=n_keep,
+            m=m,
+            k=topk_per_block,
+            rule=tier_rule,
+            layer_counts=layer_counts,
         )
         per_weight_tier = expand_tiers(tiers, block_size).to(W.device)
 
@@ -131,6 +152,20 @@ def sparsegpt_prune(
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
         prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        if pattern == "hybrid" and tier_rule == "loss" and rechoose_tiers:
+            b0, b1 = i1 // block_size, i2 // block_size
+            here = tiers[:, b0:b1].long()
+            per_group = here.reshape(1, -1) if tier_group == "layer" else here
+            counts = torch.stack([(per_group == code).sum(1) for code in range(3)], dim=1)
+            chosen = assign_tiers_min_loss(
+                tier_costs(saliency(W1, d1, i1).clamp_min(0), block_size, n_keep, m, topk_per_block),
+                tier_ratios,
+                tier_group,
+                None if previous_tiers is None else previous_tiers[:, b0:b1],
+                counts=counts,
+            )
+            tiers[:, b0:b1] = chosen
+            per_weight_tier[:, i1:i2] = expand_tiers(chosen, block_size).to(W.device)
         if pattern == "unstructured":
             sal = saliency(W1, d1, i1)
             if group == "row":

@@ -8,6 +8,8 @@ import importlib
 _NAMES = {
     "SparseTrainer": "trainer",
     "SparsityMaskCallback": "trainer",
+    "DistillationConfig": "distill",
+    "dense_teacher": "distill",
     "MaskedLoraVariant": "lora",
     "RemaskLoraVariant": "lora",
     "get_sparse_peft_model": "lora",

@@ -31,6 +31,7 @@ from ..data.calibration import CalibrationSet, lm_dataset
 from ..errors import HybridSparseError
 from ..evaluation.perplexity import perplexity
 from ..logs import get_logger
+from .distill import DistillationConfig, dense_teacher
 from .lora import get_sparse_peft_model, merge_sparse_lora
 from .schedule import Iteration, schedule_fingerprint
 from .trainer import SparseTrainer
@@ -59,6 +60,7 @@ class ProgressiveSettings:
     eval_seqlen: int = 256
     eval_windows: int | None = 8  # None: no evaluation
     seed: int = 0
+    distillation: DistillationConfig | None = None  # fine-tune against the dense starting model
 
 
 def _iteration_dir(output: Path, it: Iteration) -> Path:
@@ -95,7 +97,8 @@ def _describe(data: Any) -> Any:
 def pinned_settings(settings: ProgressiveSettings) -> dict[str, Any]:
     """Every setting that shapes a progressive run's result (what a resume must not change)."""
     recipe = {k: v for k, v in settings.config.to_dict().items() if k not in _NOT_PINNED}
-    return {
+    extra = {} if settings.distillation is None else {"distillation": settings.distillation.to_dict()}
+    return extra | {
         "recipe": recipe,
         "calib": _describe(settings.calib),
         "train_data": _describe(settings.train_data),
@@ -179,7 +182,7 @@ def _tier_ratios(report) -> list[float]:
     return [totals.get("dense", 0) / n, totals.get("nm", 0) / n, totals.get("topk", 0) / n]
 
 
-def _finetune(model, tokenizer, settings: ProgressiveSettings, it: Iteration, workdir: str):
+def _finetune(model, tokenizer, settings: ProgressiveSettings, it: Iteration, workdir: str, teacher=None):
     from transformers import TrainingArguments
 
     steps = it.finetune_steps if it.finetune_steps is not None else settings.finetune_steps
@@ -221,7 +224,8 @@ def _finetune(model, tokenizer, settings: ProgressiveSettings, it: Iteration, wo
         use_cpu=not any(p.is_cuda for p in model.parameters()),
     )
     start_t = time.perf_counter()
-    SparseTrainer(model=target, args=args, train_dataset=train).train()
+    distill = {} if teacher is None else {"teacher_model": teacher, "distillation": settings.distillation}
+    SparseTrainer(model=target, args=args, train_dataset=train, **distill).train()
     if settings.lora_r > 0:
         model, _ = merge_sparse_lora(target)
     return model, time.perf_counter() - start_t
@@ -249,6 +253,8 @@ def run_progressive(
     model_id = model_id or str(getattr(model, "name_or_path", "") or type(model).__name__)
     run = {"schedule": fingerprint, "model": model_id, "settings": pinned_settings(settings)}
     done = _check_run_folder(output, schedule, run, resume)
+    # the teacher is the dense model this run started from (also when resuming: `model` is that model)
+    teacher = dense_teacher(model) if settings.distillation is not None else None
     summary: list[dict[str, Any]] = []
     if done:
         last = _iteration_dir(output, schedule[done - 1])
@@ -280,7 +286,7 @@ def run_progressive(
         report = apply_hybrid_sparsity(model, config, it.calib or settings.calib, tokenizer=tokenizer)
         prune_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as work:
-            model, train_s = _finetune(model, tokenizer, settings, it, work)
+            model, train_s = _finetune(model, tokenizer, settings, it, work, teacher)
         entry: dict[str, Any] = {
             "iteration": it.iteration,
             "position": position + 1,

@@ -24,9 +24,10 @@ from transformers import Trainer, TrainerCallback
 
 from ..checkpoint.reader import Checkpoint
 from ..engine.discovery import find_decoder_blocks, find_targets
-from ..errors import SparsityError
+from ..errors import ConfigError, SparsityError
 from ..logs import get_logger
 from ..state import ParamSparsity, iter_sparse_params, set_param_state
+from .distill import DistillationConfig, check_teacher, distillation_loss, prepare_teacher, teacher_forward
 
 logger = get_logger(__name__)
 
@@ -186,22 +187,78 @@ class SparseTrainer(Trainer):
     """``transformers.Trainer`` that keeps every pruned weight at zero (see :class:`SparsityMaskCallback`).
 
     Extra keyword arguments: ``derive_masks_from_zeros`` (default ``True``) and ``allow_dense``
-    (default ``False``), passed to the callback. Resuming from a checkpoint whose saved masks differ
-    from the model's raises before training continues.
+    (default ``False``), passed to the callback; ``teacher_model`` (e.g. the unpruned model, on any
+    device or offloaded) and ``distillation`` (a :class:`DistillationConfig` or its dict; defaults to KL on
+    logits at T=2) make training steps learn from the teacher (evaluation keeps the plain loss);
+    ``teacher_tokenizer``, when given, must map tokens to the same ids as the trainer's ``processing_class``.
+    Resuming from a checkpoint whose saved masks differ from the model's raises before training continues.
     """
 
     def __init__(
-        self, *args: Any, derive_masks_from_zeros: bool = True, allow_dense: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        derive_masks_from_zeros: bool = True,
+        allow_dense: bool = False,
+        teacher_model: nn.Module | None = None,
+        distillation: DistillationConfig | dict | None = None,
+        teacher_tokenizer: Any = None,
+        **kwargs: Any,
     ):
         self.sparsity_callback = SparsityMaskCallback(
             derive_from_zeros=derive_masks_from_zeros, allow_dense=allow_dense
         )
+        if isinstance(distillation, dict):
+            distillation = DistillationConfig.from_dict(distillation)
+        if distillation is not None and teacher_model is None:
+            raise ConfigError("`distillation` needs a `teacher_model` (e.g. the unpruned model).")
+        self.teacher_model = teacher_model
+        self.distillation = distillation or (DistillationConfig() if teacher_model is not None else None)
+        self._distill_sums: dict[str, float] = {}
+        self._distill_steps = 0
         # Trainer's own parameters, positional or not, so `callbacks` can be extended wherever it was given
         bound = _TRAINER_SIGNATURE.bind(self, *args, **kwargs)
         bound.arguments["callbacks"] = list(bound.arguments.get("callbacks") or []) + [self.sparsity_callback]
         super().__init__(*bound.args[1:], **bound.kwargs)
         # fail on bad input before any training work starts
         self.sparsity_callback.attach(self.model)
+        if self.teacher_model is not None:
+            check_teacher(
+                self.model,
+                self.teacher_model,
+                self.distillation,
+                getattr(self, "processing_class", None),
+                teacher_tokenizer,
+            )
+            prepare_teacher(self.teacher_model)
+            # our loss is a per-batch mean: let Trainer scale it for gradient accumulation
+            self.model_accepts_loss_kwargs = False
+            if hasattr(self, "loss_is_scaled_for_ga"):
+                self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``Trainer.compute_loss``, or the distillation loss on training steps when a teacher is set."""
+        if self.teacher_model is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        cfg = self.distillation
+        hidden = cfg.hidden_weight > 0
+        fed = {k: v for k, v in inputs.items() if k != "num_items_in_batch"}
+        if not cfg.ce_weight:
+            fed.pop("labels", None)  # no cross-entropy to compute
+        outputs = model(**fed, output_hidden_states=True) if hidden else model(**fed)
+        teacher_out = teacher_forward(self.teacher_model, inputs, hidden)
+        loss, parts = distillation_loss(outputs, teacher_out, inputs, cfg)
+        for k, v in parts.items():
+            self._distill_sums[k] = self._distill_sums.get(k, 0.0) + v
+        self._distill_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log``, adding the mean distillation parts (``distill_kl``, ...) since the last log."""
+        if self._distill_steps and "loss" in logs:
+            for k, v in self._distill_sums.items():
+                logs[f"distill_{k}"] = round(v / self._distill_steps, 4)
+            self._distill_sums, self._distill_steps = {}, 0
+        super().log(logs, *args, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; the end-of-training sparsity check is added to the returned metrics and
@@ -228,6 +285,9 @@ SparseTrainer.__init__.__signature__ = _TRAINER_SIGNATURE.replace(
     + [
         inspect.Parameter("derive_masks_from_zeros", inspect.Parameter.KEYWORD_ONLY, default=True),
         inspect.Parameter("allow_dense", inspect.Parameter.KEYWORD_ONLY, default=False),
+        inspect.Parameter("teacher_model", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("distillation", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("teacher_tokenizer", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
 )
 
