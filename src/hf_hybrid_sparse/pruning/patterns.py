@@ -217,7 +217,9 @@ def assign_tiers(
     return _rank_by_keys(blk_scores.double().reshape(g, -1), counts, previous, g).to(torch.int8).reshape(r, c)
 
 
-def _rank_by_keys(keys: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None, g: int) -> torch.Tensor:
+def _rank_by_keys(
+    keys: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None, g: int
+) -> torch.Tensor:
     """``[G, B]`` tier codes: per group, DENSE to the highest keys, then NM, the rest TOPK (``previous`` honoured)."""
     prev = None if previous is None else previous.reshape(g, -1)
     floor = torch.finfo(torch.float64).min
