@@ -154,16 +154,28 @@ def test_owl_unstructured_keeps_the_model_wide_sparsity():
     assert len(layer_sparsity) == 2  # one per decoder block
 
 
-def test_owl_across_progressive_iterations_never_moves_a_block_denser():
+@pytest.mark.parametrize("group", ["layer", "row"])
+def test_loss_allocation_holds_the_model_wide_counts(group):
+    _, uniform = _prune("uniform", tier_group=group)
+    _, by_loss = _prune("loss", tier_group=group)
+    assert by_loss.tier_totals() == uniform.tier_totals()
+    assert {m.name: m.tier_counts for m in by_loss.modules} != {
+        m.name: m.tier_counts for m in uniform.modules
+    }
+    assert by_loss.allocation["counts"] and "allocation: loss" in by_loss.summary()
+
+
+@pytest.mark.parametrize("allocation", ["owl", "loss"])
+def test_allocation_across_progressive_iterations_never_moves_a_block_denser(allocation):
     from tiny_models import random_tokens
 
     from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity, tier_maps
 
-    model, first = _prune("owl", tier_ratios=(0.7, 0.3, 0.0), owl_lambda=0.2)
+    model, first = _prune(allocation, tier_ratios=(0.7, 0.3, 0.0), owl_lambda=0.2)
     before = {k: v.clone() for k, v in tier_maps(model).items()}
     for ratios in [(0.5, 0.4, 0.1), (0.35, 0.45, 0.2), (0.35, 0.45, 0.2)]:
         cfg = HybridSparseConfig(
-            nsamples=4, seqlen=32, tier_ratios=ratios, layer_allocation="owl", owl_lambda=0.2
+            nsamples=4, seqlen=32, tier_ratios=ratios, layer_allocation=allocation, owl_lambda=0.2
         )
         report = apply_hybrid_sparsity(model, cfg, random_tokens(4, 32))
         _, uniform = _prune("uniform", tier_ratios=ratios)
@@ -179,5 +191,7 @@ def test_owl_is_refused_for_nm_patterns():
 
     with pytest.raises(ConfigError, match="layer_allocation"):
         HybridSparseConfig(pattern="2:4", layer_allocation="owl")
+    with pytest.raises(ConfigError, match="loss"):
+        HybridSparseConfig(pattern="unstructured", layer_allocation="loss")
     with pytest.raises(ConfigError, match="owl_lambda"):
         HybridSparseConfig(layer_allocation="owl", owl_lambda=0.7)

@@ -22,7 +22,7 @@ from ..logs import get_logger, tqdm, warn_if_long
 from ..pruning.matrix import prune_matrix
 from ..pruning.patterns import TIER_NAMES
 from ..state import ParamSparsity, get_state, set_param_state
-from .allocation import Allocation, allocate, block_scores_of, outlier_ratio
+from .allocation import Allocation, allocate, block_scores_of, summarize_block
 from .capture import capture_block_inputs
 from .discovery import Target
 from .offload import is_offloaded, onloaded, write_param
@@ -133,10 +133,11 @@ def _to_compute(block: nn.Module, compute: torch.device | None) -> torch.device 
     return here
 
 
-def _outlier_ratios(p: Plan, config: HybridSparseConfig, captured, hidden, compute) -> list[float | None]:
-    """OWL's pre-pass over the dense model: each block's outlier ratio (its dense outputs feed the next)."""
-    ratios: list[float | None] = []
-    bar = tqdm(total=len(p.blocks), desc="Measuring outliers (OWL)", unit="block")
+def _dense_pass(p: Plan, config: HybridSparseConfig, captured, hidden, compute) -> list[list[torch.Tensor]]:
+    """The allocation's pre-pass over the dense model: each block's per-matrix metric (Wanda score, or |W|
+    without data), its dense outputs feeding the next block. Returns the metrics' summaries per block."""
+    measured: list = []
+    bar = tqdm(total=len(p.blocks), desc=f"Measuring layers ({config.layer_allocation})", unit="block")
     try:
         for i, block in enumerate(p.blocks):
             targets = p.targets[i]
@@ -154,13 +155,13 @@ def _outlier_ratios(p: Plan, config: HybridSparseConfig, captured, hidden, compu
                 scores = block_scores_of(
                     targets, stats, lambda t: _logical(t.param.detach(), t.transposed).float()
                 )
-                ratios.append(outlier_ratio(scores, config.owl_threshold) if scores else None)
+                measured.append(summarize_block(scores, config))
             if moved_from is not None:
                 block.to(moved_from)
             bar.update(1)
     finally:
         bar.close()
-    return ratios
+    return measured
 
 
 def _walk(
@@ -184,9 +185,9 @@ def _walk(
     was_training = model.training
     model.eval()
     allocation = None
-    if config.layer_allocation == "owl":
-        ratios = _outlier_ratios(p, config, captured, hidden if needs_data else None, compute)
-        allocation = allocate(p, config, ratios, p.previous)
+    if config.layer_allocation != "uniform":
+        measured = _dense_pass(p, config, captured, hidden if needs_data else None, compute)
+        allocation = allocate(p, config, measured, p.previous)
         report.allocation = allocation.to_dict()
     bar = tqdm(total=len(blocks), desc="Pruning blocks", unit="block")
     started = time.perf_counter()
