@@ -154,18 +154,7 @@ def test_owl_unstructured_keeps_the_model_wide_sparsity():
     assert len(layer_sparsity) == 2  # one per decoder block
 
 
-@pytest.mark.parametrize("group", ["layer", "row"])
-def test_loss_allocation_holds_the_model_wide_counts(group):
-    _, uniform = _prune("uniform", tier_group=group)
-    _, by_loss = _prune("loss", tier_group=group)
-    assert by_loss.tier_totals() == uniform.tier_totals()
-    assert {m.name: m.tier_counts for m in by_loss.modules} != {
-        m.name: m.tier_counts for m in uniform.modules
-    }
-    assert by_loss.allocation["counts"] and "allocation: loss" in by_loss.summary()
-
-
-@pytest.mark.parametrize("allocation", ["owl", "loss"])
+@pytest.mark.parametrize("allocation", ["owl"])
 def test_allocation_across_progressive_iterations_never_moves_a_block_denser(allocation):
     from tiny_models import random_tokens
 
@@ -191,7 +180,5 @@ def test_owl_is_refused_for_nm_patterns():
 
     with pytest.raises(ConfigError, match="layer_allocation"):
         HybridSparseConfig(pattern="2:4", layer_allocation="owl")
-    with pytest.raises(ConfigError, match="loss"):
-        HybridSparseConfig(pattern="unstructured", layer_allocation="loss")
     with pytest.raises(ConfigError, match="owl_lambda"):
         HybridSparseConfig(layer_allocation="owl", owl_lambda=0.7)

@@ -19,7 +19,7 @@ LOADING_ATTRIBUTES = ("use_kernels",)
 METHODS = ("magnitude", "wanda", "sparsegpt")
 GROUPS = ("row", "layer")
 TIER_RULES = ("loss", "score")
-ALLOCATIONS = ("uniform", "owl", "loss")
+ALLOCATIONS = ("uniform", "owl")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -69,10 +69,8 @@ class HybridSparseConfig(QuantizationConfigMixin):
             summed score (the first rule).
         layer_allocation: ``"uniform"`` (default) or ``"owl"``: one pass over the dense model measures each
             decoder block's share of outlier scores (above ``owl_threshold`` x mean) and blocks with more
-            keep more weights, by at most ``owl_lambda`` of density; ``"loss"`` (hybrid): one exact least-cost
-            assignment of every block of the model (costs: the share of each layer's squared Wanda score a
-            tier removes) picks each layer's counts. The model-wide DENSE/NM/TOPK counts (hybrid) or
-            sparsity (unstructured) stay as asked (see ``engine/allocation.py``).
+            keep more weights, by at most ``owl_lambda`` of density; the model-wide DENSE/NM/TOPK counts
+            (hybrid) or sparsity (unstructured) stay as asked (see ``engine/allocation.py``).
         nm: the N:M pattern inside NM blocks (along the input dimension).
         nm_convention: what N counts in ``pattern``/``nm`` when they could be read two ways: ``"keep"``
             (NVIDIA: ``"3:4"`` keeps 3) or ``"prune"`` (SparseGPT/Wanda/llm-compressor: ``"3:4"`` prunes 3).
@@ -136,9 +134,8 @@ class HybridSparseConfig(QuantizationConfigMixin):
     layer_allocation: str = field(
         default="uniform",
         metadata={
-            "help": "How the budget is spread over layers: uniform (every layer the same), owl (layers "
-            "with more activation outliers keep more weights) or loss (hybrid: one least-cost assignment over "
-            "the whole model picks each layer's tier counts); model-wide shares unchanged.",
+            "help": "How the budget is spread over layers: uniform (every layer the same) or owl (layers "
+            "with more activation outliers keep more weights; model-wide shares unchanged).",
             "choices": list(ALLOCATIONS),
         },
     )
@@ -291,10 +288,6 @@ class HybridSparseConfig(QuantizationConfigMixin):
             raise ConfigError(
                 f"layer_allocation={self.layer_allocation!r} spreads an unstructured or hybrid budget; an N:M "
                 f"pattern ({self.pattern}) is the same in every layer. Use layer_allocation='uniform'."
-            )
-        if self.layer_allocation == "loss" and self.pattern != "hybrid":
-            raise ConfigError(
-                "layer_allocation='loss' spreads hybrid tiers; for unstructured use 'owl' or 'uniform'."
             )
         if not (self.owl_threshold > 0):
             raise ConfigError(f"owl_threshold={self.owl_threshold} must be positive (OWL uses 5).")

@@ -1,13 +1,5 @@
-"""Non-uniform allocation of the sparsity budget across layers: OWL (Yin et al. 2024), or by loss.
+"""Non-uniform allocation of the sparsity budget across layers (OWL, Yin et al. 2024).
 
-``layer_allocation="loss"`` (hybrid only): the same dense pre-pass gives every block of every layer its
-cost in each tier (:func:`~hf_hybrid_sparse.pruning.patterns.tier_costs` of the squared Wanda score,
-divided by the layer's total, so each layer's cost is the share of its output energy it loses), and one
-exact least-cost assignment over all blocks of the model, under the model-wide counts of the uniform
-allocation, decides how many blocks of each tier every layer gets. Each layer is then pruned with those
-counts as usual (SparseGPT's saliency and OBS update included).
-
-OWL:
 
 Before pruning, one pass over the *dense* model measures each decoder block's outlier ratio: the share
 of its Wanda scores ``|W_ij| ||X_j||`` (``|W|`` for magnitude) above ``owl_threshold`` times their mean,
@@ -34,7 +26,7 @@ import torch
 
 from ..config import HybridSparseConfig
 from ..errors import TierMapError
-from ..pruning.patterns import DENSE, NM, TOPK, assign_tiers_min_loss, tier_costs, tier_counts
+from ..pruning.patterns import DENSE, NM, tier_counts
 from ..pruning.scoring import magnitude_scores, wanda_scores
 from .discovery import Target
 from .planning import Plan, matrices
@@ -78,68 +70,14 @@ def block_scores_of(targets: list[Target], stats: dict[str, Any], transposed_wei
 
 
 def summarize_block(scores: list[torch.Tensor], config: HybridSparseConfig) -> Any:
-    """What an allocation keeps of one decoder block's metrics: OWL its outlier ratio (``None`` when it has
-    no targets), ``"loss"`` every matrix's normalised tier costs (fp32 ``[R, C, 3]``)."""
-    if config.layer_allocation == "owl":
-        return outlier_ratio(scores, config.owl_threshold) if scores else None
-    n, m = config.nm_tuple
-    out = []
-    for s in scores:
-        energy = s.float().pow(2)
-        costs = tier_costs(energy, config.block_size, n, m, config.topk_per_block)
-        out.append((costs / energy.sum().clamp_min(1e-30)).float())
-    return out
+    """What the allocation keeps of one decoder block's metrics: OWL's outlier ratio (``None``: no targets)."""
+    return outlier_ratio(scores, config.owl_threshold) if scores else None
 
 
 def _uniform_counts(config: HybridSparseConfig, r: int, c: int) -> tuple[int, int, int]:
     """The layer's DENSE/NM/TOPK block counts under the uniform allocation (per-group rounding summed)."""
     one = tier_counts(r * c if config.tier_group == "layer" else c, config.tier_ratios)
     return one if config.tier_group == "layer" else tuple(v * r for v in one)
-
-
-def _allocate_by_loss(
-    plan: Plan,
-    config: HybridSparseConfig,
-    measured: list[list[torch.Tensor]],
-    previous: dict[str, torch.Tensor],
-) -> Allocation:
-    costs, prevs, owners, total = [], [], [], torch.zeros(3, dtype=torch.long)
-    for b, targets in enumerate(plan.targets):
-        per_matrix = iter(measured[b])
-        for t in targets:
-            prev_all = previous.get(t.name)
-            for e, (rows, cols) in matrices(t):
-                c = next(per_matrix)
-                r_, c_ = rows // config.block_size, cols // config.block_size
-                total += torch.tensor(_uniform_counts(config, r_, c_))
-                costs.append(c.reshape(-1, 3))
-                prev = None if prev_all is None else (prev_all if e is None else prev_all[e])
-                prevs.append(
-                    torch.zeros(r_ * c_, dtype=torch.int8)
-                    if prev is None
-                    else prev.reshape(-1).to(torch.int8)
-                )
-                owners.append(t.name)
-    flat = torch.cat(costs).unsqueeze(0)
-    prev_flat = torch.cat(prevs).unsqueeze(0)
-    has_previous = bool(previous)
-    have = torch.stack([(prev_flat <= code).sum() for code in (DENSE, NM)]) if has_previous else None
-    if have is not None and (have[0] < total[0] or have[1] < total[0] + total[1]):
-        raise TierMapError(
-            "the model-wide tier counts need more DENSE (or DENSE-or-NM) blocks than the previous tier maps have."
-        )
-    tiers = assign_tiers_min_loss(
-        flat, config.tier_ratios, "layer", prev_flat if has_previous else None, counts=total.unsqueeze(0)
-    )[0]
-    alloc = Allocation()
-    start = 0
-    for name, c in zip(owners, costs):
-        seg = tiers[start : start + c.shape[0]].long()
-        start += c.shape[0]
-        alloc.counts.setdefault(name, []).append(
-            tuple(int((seg == code).sum()) for code in (DENSE, NM, TOPK))
-        )
-    return alloc
 
 
 def density_shifts(ratios: list[float | None], weights: list[int], lam: float) -> list[float]:
@@ -179,8 +117,6 @@ def allocate(
     plan: Plan, config: HybridSparseConfig, measured: list[Any], previous: dict[str, torch.Tensor]
 ) -> Allocation:
     """Per-layer targets from the dense pass's per-block summaries (see the module doc)."""
-    if config.layer_allocation == "loss":
-        return _allocate_by_loss(plan, config, measured, previous)
     block_ratios = measured
     weights = [sum(t.param.numel() for t in targets) for targets in plan.targets]
     shifts = density_shifts(block_ratios, weights, config.owl_lambda)
