@@ -1,14 +1,15 @@
 """Recovery with distillation from the dense teacher, on the embedded SmolLM2-135M (CPU).
 
-    python benchmarks/distill_recovery.py [--parts unstructured,progressive] [--steps 100]
+    python benchmarks/distill_recovery.py [--parts unstructured,progressive] [--methods sparsegpt,wanda]
+        [--steps 100] [--progressive_steps 50] [--ce]
 
-unstructured: Wanda and SparseGPT 50% unstructured (32 x 512 calibration tokens), then ``--steps`` full
-fine-tuning steps of 4 x 256 tokens (train split) with (a) plain cross-entropy and (b) KL to the dense
-teacher (T=2), same data, same learning rate. progressive: SparseGPT hybrid to (0.35, 0.45, 0.20) in three
-iterations (0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--steps`` distillation steps after each
-(3 x steps in all), against one-shot pruning to the same tiers followed by the same total number of
-distillation steps. Perplexity on held-out test-split windows of 256 tokens; every result carries the
-dense perplexity measured in the same run. Results are appended to the JSON (a rerun skips what is there).
+unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps`` full
+fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
+``--ce`` also the same steps with plain cross-entropy, for comparison. progressive: SparseGPT hybrid, row
+tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations (0.7/0.3/0 -> 0.5/0.4/0.1 ->
+0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each. Perplexity on held-out test-split
+windows of 256 tokens; every result carries the dense perplexity measured in the same run. Results are
+appended to the JSON (a rerun skips what is there).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="unstructured,progressive")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--progressive_steps", type=int, default=50)
+    ap.add_argument("--methods", default="sparsegpt,wanda")
+    ap.add_argument("--ce", action="store_true", help="also fine-tune with plain cross-entropy")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -71,7 +75,8 @@ def main() -> None:
     if "dense" not in results:
         results["dense"] = ppl(model)
         save()
-    data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=3 * args.steps * args.batch)
+    most = max(args.steps, 3 * args.progressive_steps)
+    data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=most * args.batch)
     calib = dict(nsamples=32, seqlen=512)
 
     def run(name, pruned, steps, kd: bool):
@@ -86,32 +91,25 @@ def main() -> None:
 
     parts = args.parts.split(",")
     if "unstructured" in parts:
-        for method in ("wanda", "sparsegpt"):
+        for method in args.methods.split(","):
             pruned = copy.deepcopy(model)
             cfg = HybridSparseConfig(method=method, pattern="unstructured", sparsity=0.5, **calib)
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
             key = f"{method} unstructured 50%"
             results.setdefault(key, {"perplexity": ppl(pruned), "sparsity": report.sparsity})
             save()
-            run(f"{key} + {args.steps} steps CE", copy.deepcopy(pruned), args.steps, kd=False)
+            if args.ce:
+                run(f"{key} + {args.steps} steps CE", copy.deepcopy(pruned), args.steps, kd=False)
             run(f"{key} + {args.steps} steps KD", pruned, args.steps, kd=True)
     if "progressive" in parts:
-        total = 3 * args.steps
-        oneshot = copy.deepcopy(model)
-        cfg = HybridSparseConfig(method="sparsegpt", tier_group="row", **calib)
-        report = apply_hybrid_sparsity(oneshot, cfg, "wiki_offline", tokenizer=tok)
-        results.setdefault(
-            "sparsegpt hybrid one-shot", {"perplexity": ppl(oneshot), "sparsity": report.sparsity}
-        )
-        save()
-        run(f"sparsegpt hybrid one-shot + {total} steps KD", oneshot, total, kd=True)
-        key = f"sparsegpt hybrid progressive 3 x {args.steps} steps KD"
+        cfg = HybridSparseConfig(method="sparsegpt", tier_group="row", layer_allocation="owl", **calib)
+        key = f"sparsegpt hybrid (row, owl) progressive 3 x {args.progressive_steps} steps KD"
         if key not in results:
             settings = ProgressiveSettings(
                 config=cfg,
                 calib="wiki_offline",
                 train_seqlen=args.seqlen,
-                finetune_steps=args.steps,
+                finetune_steps=args.progressive_steps,
                 learning_rate=args.lr,
                 batch_size=args.batch,
                 eval_seqlen=args.seqlen,

@@ -1,6 +1,5 @@
 """Non-uniform allocation of the sparsity budget across layers (OWL, Yin et al. 2024).
 
-
 Before pruning, one pass over the *dense* model measures each decoder block's outlier ratio: the share
 of its Wanda scores ``|W_ij| ||X_j||`` (``|W|`` for magnitude) above ``owl_threshold`` times their mean,
 over all the block's target layers together. Blocks with more outliers keep more weights: block ``b``

@@ -133,9 +133,9 @@ def _to_compute(block: nn.Module, compute: torch.device | None) -> torch.device 
     return here
 
 
-def _dense_pass(p: Plan, config: HybridSparseConfig, captured, hidden, compute) -> list[list[torch.Tensor]]:
-    """The allocation's pre-pass over the dense model: each block's per-matrix metric (Wanda score, or |W|
-    without data), its dense outputs feeding the next block. Returns the metrics' summaries per block."""
+def _dense_pass(p: Plan, config: HybridSparseConfig, captured, hidden, compute) -> list[Any]:
+    """The allocation's pre-pass over the dense model: each block's metrics (Wanda score, or |W| without
+    data) summarised by the allocation, its dense outputs feeding the next block."""
     measured: list = []
     bar = tqdm(total=len(p.blocks), desc=f"Measuring layers ({config.layer_allocation})", unit="block")
     try:
