@@ -1,4 +1,4 @@
-"""Prune the embedded SmolLM2-135M with Wanda (hybrid tiers) on the offline corpus and compare perplexity.
+"""Prune the embedded SmolLM2-135M with SparseGPT (hybrid tiers) on the offline corpus and compare perplexity.
 
 python examples/prune_smollm2.py
 """
