@@ -89,32 +89,31 @@ def test_console_script_help():
     assert res.returncode == 0 and "--tier_ratios" in res.stdout and "--method" in res.stdout
 
 
-def test_example_prune_any_architecture_runs():
+def _run_example(name: str) -> str:
+    """Run ``examples/NAME`` as a user would; returns its stdout (fails with its stderr's tail)."""
     res = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "prune_any_architecture.py")],
+        [sys.executable, str(ROOT / "examples" / name)],
         capture_output=True,
         text=True,
         timeout=600,
         env=subprocess_env(),
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = [ln for ln in res.stdout.splitlines() if "sparse" in ln]
+    return res.stdout
+
+
+def test_example_prune_any_architecture_runs():
+    stdout = _run_example("prune_any_architecture.py")
+    lines = [ln for ln in stdout.splitlines() if "sparse" in ln]
     assert len(lines) == 4 and all("tier maps" in ln for ln in lines)
 
 
 def test_example_distill_recovery_runs():
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "distill_recovery.py")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=subprocess_env(),
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("KL to the dense teacher"))
+    stdout = _run_example("distill_recovery.py")
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("KL to the dense teacher"))
     before, after = (float(x) for x in line.split(": ")[1].split(";")[0].split(" -> "))
     assert after < before and line.endswith("revived: 0")
-    assert "allocation: owl" in res.stdout
+    assert "allocation: owl" in stdout
 
 
 @pytest.mark.parametrize("lora,distill", [("0", False), ("4", False), ("0", True)])
