@@ -25,7 +25,7 @@ import torch
 
 from ..config import HybridSparseConfig
 from ..errors import TierMapError
-from ..pruning.patterns import DENSE, NM, tier_counts
+from ..pruning.patterns import DENSE, NM, group_counts
 from ..pruning.scoring import magnitude_scores, wanda_scores
 from .discovery import Target
 from .planning import Plan, matrices
@@ -75,8 +75,7 @@ def summarize_block(scores: list[torch.Tensor], config: HybridSparseConfig) -> A
 
 def _uniform_counts(config: HybridSparseConfig, r: int, c: int) -> tuple[int, int, int]:
     """The layer's DENSE/NM/TOPK block counts under the uniform allocation (per-group rounding summed)."""
-    one = tier_counts(r * c if config.tier_group == "layer" else c, config.tier_ratios)
-    return one if config.tier_group == "layer" else tuple(v * r for v in one)
+    return tuple(int(v) for v in group_counts((r, c), config.tier_ratios, config.tier_group).sum(0))
 
 
 def density_shifts(ratios: list[float | None], weights: list[int], lam: float) -> list[float]:
