@@ -5,7 +5,8 @@
 
 unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps`` full
 fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
-``--ce`` also the same steps with plain cross-entropy, for comparison. progressive: SparseGPT hybrid, row
+``--ce`` also the same steps with plain cross-entropy, for comparison; ``--reconstruction_epochs`` adds
+block-wise reconstruction (calibration batches of 4) to every pruning. progressive: SparseGPT hybrid, row
 tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations (0.7/0.3/0 -> 0.5/0.4/0.1 ->
 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each. Perplexity on held-out test-split
 windows of 256 tokens; every result carries the dense perplexity measured in the same run. Results are
@@ -51,6 +52,10 @@ def main() -> None:
     ap.add_argument("--progressive_steps", type=int, default=50)
     ap.add_argument("--methods", default="sparsegpt,wanda")
     ap.add_argument("--ce", action="store_true", help="also fine-tune with plain cross-entropy")
+    ap.add_argument(
+        "--reconstruction_epochs", type=int, default=0, help="block-wise reconstruction in every pruning"
+    )
+    ap.add_argument("--reconstruction_lr", type=float, default=1e-4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -78,6 +83,14 @@ def main() -> None:
     most = max(args.steps, 3 * args.progressive_steps)
     data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=most * args.batch)
     calib = dict(nsamples=32, seqlen=512)
+    tag = ""
+    if args.reconstruction_epochs:
+        calib |= dict(
+            reconstruction_epochs=args.reconstruction_epochs,
+            reconstruction_lr=args.reconstruction_lr,
+            batch_size=4,
+        )
+        tag = f" + reconstruction {args.reconstruction_epochs} ep lr {args.reconstruction_lr:g}"
 
     def run(name, pruned, steps, kd: bool):
         if name in results:
@@ -95,7 +108,7 @@ def main() -> None:
             pruned = copy.deepcopy(model)
             cfg = HybridSparseConfig(method=method, pattern="unstructured", sparsity=0.5, **calib)
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
-            key = f"{method} unstructured 50%"
+            key = f"{method} unstructured 50%{tag}"
             results.setdefault(key, {"perplexity": ppl(pruned), "sparsity": report.sparsity})
             save()
             if args.ce:
@@ -103,7 +116,7 @@ def main() -> None:
             run(f"{key} + {args.steps} steps KD", pruned, args.steps, kd=True)
     if "progressive" in parts:
         cfg = HybridSparseConfig(method="sparsegpt", tier_group="row", layer_allocation="owl", **calib)
-        key = f"sparsegpt hybrid (row, owl) progressive 3 x {args.progressive_steps} steps KD"
+        key = f"sparsegpt hybrid (row, owl{tag}) progressive 3 x {args.progressive_steps} steps KD"
         if key not in results:
             settings = ProgressiveSettings(
                 config=cfg,

@@ -7,7 +7,8 @@ same calibration (offline corpus train split, nsamples x seqlen) and is evaluate
 windows (test split, non-overlapping). The baseline is the first rule (`tier_rule="score"`, blocks ranked
 by summed score). "upfront" is the loss rule without SparseGPT's chunk-by-chunk re-choice of tiers on the
 updated weights (the library always re-chooses with `tier_rule="loss"`; the benchmark switches it off by
-wrapping `sparsegpt_prune` to measure what it adds). Results are appended to the JSON as they finish (a
+wrapping `sparsegpt_prune` to measure what it adds). "+ reconstruction" adds block-wise reconstruction
+(`reconstruction_epochs=4`, `reconstruction_lr=1e-4`, calibration batches of 4). Results are appended to the JSON as they finish (a
 rerun skips what is there) and printed as a table with each variant's ratio to the baseline of its method.
 """
 
@@ -44,6 +45,21 @@ VARIANTS = {
     "wanda row loss": ("wanda", dict(tier_group="row"), True),
     "wanda layer loss": ("wanda", dict(tier_group="layer"), True),
     "wanda row loss owl": ("wanda", dict(tier_group="row", layer_allocation="owl"), True),
+}
+# block-wise reconstruction (EBFT-style) after each block: 4 passes over the calibration set in batches of 4
+RECON = dict(reconstruction_epochs=4, reconstruction_lr=1e-4, batch_size=4)
+VARIANTS |= {
+    "sparsegpt row score + reconstruction": (
+        "sparsegpt",
+        dict(tier_group="row", tier_rule="score", **RECON),
+        True,
+    ),
+    "sparsegpt row loss owl + reconstruction": (
+        "sparsegpt",
+        dict(tier_group="row", layer_allocation="owl", **RECON),
+        True,
+    ),
+    "wanda row score + reconstruction": ("wanda", dict(tier_group="row", tier_rule="score", **RECON), True),
 }
 BASELINE = {"sparsegpt": "sparsegpt row score", "wanda": "wanda row score"}
 
@@ -93,6 +109,7 @@ def main() -> None:
             "sparsity": report.sparsity,
             "tier_totals": report.tier_totals(),
             "prune_seconds": seconds,
+            "reconstruction": report.reconstruction,
         }
         save()
         out(f"{name}: ppl {ppl:.2f}, sparsity {report.sparsity:.2%} ({seconds:.0f} s)")

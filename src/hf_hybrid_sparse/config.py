@@ -85,6 +85,11 @@ class HybridSparseConfig(QuantizationConfigMixin):
         ignore: modules never pruned (list of names/suffixes or a regex); ``lm_head`` by default.
         dampening: SparseGPT's relative Hessian dampening (fraction of the mean diagonal).
         sparsegpt_blocksize: SparseGPT's lazy-update column chunk (a multiple of ``block_size`` and M).
+        reconstruction_epochs: block-wise reconstruction after each block is pruned: passes of masked Adam
+            over the calibration batches fitting the block's kept weights so that, on the pruned model's
+            inputs, it reproduces the outputs the model gave before this run (the dense model's, on a first
+            pruning) (0, default: off; needs calibration data).
+        reconstruction_lr: the learning rate of that reconstruction.
         device: compute device for the block being pruned (``None``: where the block already is).
         offload_activations: keep the calibration activations on CPU between blocks.
         use_kernels: a loading attribute: ``from_pretrained(..., quantization_config=HybridSparseConfig(
@@ -184,6 +189,16 @@ class HybridSparseConfig(QuantizationConfigMixin):
     sparsegpt_blocksize: int = field(
         default=128,
         metadata={"help": "SparseGPT: lazy-update column chunk (a multiple of block_size and M)."},
+    )
+    reconstruction_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "Block-wise reconstruction: passes of masked Adam over the calibration batches fitting each "
+            "pruned block's kept weights to the dense model's outputs (0: off)."
+        },
+    )
+    reconstruction_lr: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the block-wise reconstruction."}
     )
     device: str | None = field(
         default=None, metadata={"help": "Compute device for the block being pruned (default: where it is)."}
@@ -327,6 +342,15 @@ class HybridSparseConfig(QuantizationConfigMixin):
         for name in ("nsamples", "seqlen", "batch_size", "sparsegpt_blocksize"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.reconstruction_epochs < 0:
+            raise ConfigError(f"reconstruction_epochs={self.reconstruction_epochs} must be >= 0 (0: off).")
+        if not (self.reconstruction_lr > 0 and math.isfinite(self.reconstruction_lr)):
+            raise ConfigError(f"reconstruction_lr={self.reconstruction_lr} must be a positive number.")
+        if self.reconstruction_epochs and self.method == "magnitude":
+            raise ConfigError(
+                "reconstruction_epochs fits pruned blocks to the dense model on calibration data, which "
+                "method='magnitude' does not read; use method='wanda' or 'sparsegpt', or reconstruction_epochs=0."
+            )
         if not (self.dampening >= 0.0):
             raise ConfigError(f"dampening={self.dampening} must be >= 0.")
         if self.method == "sparsegpt":

@@ -71,18 +71,24 @@ def plan(model: nn.Module, config: HybridSparseConfig, previous: dict[str, torch
         )
     if config.targets is not None:
         _check_targets_inside(model, config, result)
-    _check_weights(result)
+    _check_weights(result, config)
     _check_composition(config, result)
     result.previous = _previous_tier_maps(config, result, previous)
     return result
 
 
-def _check_weights(plan: Plan) -> None:
+def _check_weights(plan: Plan, config: HybridSparseConfig) -> None:
     """Every target weight is loaded (or offloaded by accelerate) and finite."""
     for block, targets in zip(plan.blocks, plan.targets):
         for t in targets:
             param = t.param
             if param.device.type == "meta":
+                if is_offloaded(block) and config.reconstruction_epochs:
+                    raise ModelStructureError(
+                        f"{t.name}: reconstruction_epochs trains the pruned weights, which an accelerate-offloaded "
+                        "block does not hold in memory. Load the model in memory (device_map=None or one device) "
+                        "or set reconstruction_epochs=0. No weight was changed."
+                    )
                 if not is_offloaded(block):
                     raise ModelStructureError(
                         f"{t.name}: the weight is on the meta device (not loaded) and no accelerate hook offloads it; "

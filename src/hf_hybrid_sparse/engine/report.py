@@ -49,6 +49,8 @@ class SparsityReport:
     allocation: dict[str, Any] | None = (
         None  # layer_allocation="owl": outlier ratios, shifts, per-layer counts
     )
+    # reconstruction_epochs > 0: each block's normalised output error before / after its reconstruction
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_params(self) -> int:
@@ -81,6 +83,7 @@ class SparsityReport:
             "seconds": self.seconds,
             "calibration_tokens": self.calibration_tokens,
             "allocation": self.allocation,
+            "reconstruction": self.reconstruction,
         }
 
     def summary(self) -> str:
@@ -100,6 +103,13 @@ class SparsityReport:
             lines.append(
                 f"allocation: {cfg.get('layer_allocation')} (per-layer sparsity "
                 f"{min(sparsities):.1%}..{max(sparsities):.1%}; per-layer tiers in the table)"
+            )
+        if self.reconstruction:
+            before = sum(r["before"] for r in self.reconstruction) / len(self.reconstruction)
+            after = sum(r["after"] for r in self.reconstruction) / len(self.reconstruction)
+            lines.append(
+                f"reconstruction: mean block output error vs dense {before:.4g} -> {after:.4g} "
+                f"({len(self.reconstruction)} blocks)"
             )
         lines.append(f"time: {self.seconds:.1f} s on {self.calibration_tokens:,} calibration tokens")
         return "\n".join(lines)

@@ -27,6 +27,7 @@ from .capture import capture_block_inputs
 from .discovery import Target
 from .offload import is_offloaded, onloaded, write_param
 from .planning import Plan, matrices, plan
+from .reconstruction import reconstruct_block
 from .report import ModuleReport, SparsityReport
 from .statistics import collecting, eager_experts
 
@@ -181,6 +182,8 @@ def _walk(
         store = torch.device("cpu") if config.offload_activations else compute
         captured = capture_block_inputs(model, blocks, batches, store, compute)
         hidden = captured.hidden
+    # block-wise reconstruction fits each pruned block to the dense model's outputs: carry that chain too
+    dense_hidden = hidden if needs_data and config.reconstruction_epochs else None
 
     was_training = model.training
     model.eval()
@@ -197,6 +200,13 @@ def _walk(
             moved_from = _to_compute(block, compute)
             targets = p.targets[i]
             stats: dict[str, Any] = {}
+            dense_out = None
+            if dense_hidden is not None:
+                bar.set_postfix_str("dense outputs")
+                dense_out = [
+                    captured.calls[i][b].call(block, h.to(execution_device(block)))
+                    for b, h in enumerate(dense_hidden)
+                ]
             if needs_data and targets:
                 bar.set_postfix_str("statistics")
                 with collecting(targets, hessian=config.method == "sparsegpt") as stats:
@@ -225,6 +235,24 @@ def _walk(
                     write_param(block, t.module_name, t.param_name, new_param)
                     set_param_state(t.module, t.param_name, state)
                     report.modules.append(mod_report)
+            if dense_out is not None and targets:
+                bar.set_postfix_str("reconstruction")
+                dev = execution_device(block)
+                rec = reconstruct_block(
+                    i,
+                    block,
+                    targets,
+                    lambda b, calls=captured.calls[i], blk=block, hs=hidden, dev=dev: calls[b].call(
+                        blk, hs[b].to(dev)
+                    ),
+                    dense_out,
+                    config.reconstruction_epochs,
+                    config.reconstruction_lr,
+                )
+                report.reconstruction.append(rec.to_dict())
+                logger.info(
+                    f"{block_name}: output error {rec.before:.4g} -> {rec.after:.4g} after reconstruction"
+                )
             if needs_data and i < len(blocks) - 1:
                 bar.set_postfix_str("recompute")
                 store = hidden[0].device
@@ -232,6 +260,8 @@ def _walk(
                     captured.calls[i][b].call(block, h.to(execution_device(block))).to(store)
                     for b, h in enumerate(hidden)
                 ]
+            if dense_out is not None:
+                dense_hidden = [o.to(hidden[0].device) for o in dense_out]
             if moved_from is not None:
                 block.to(moved_from)
                 for t in targets:  # masks live with their parameters, not on the compute device
