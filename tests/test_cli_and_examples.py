@@ -270,6 +270,8 @@ def test_every_recipe_field_is_a_flag_of_prune_and_progressive():
         "ignore": ("re:.*v_proj", ".*v_proj"),
         "dampening": ("0.05", 0.05),
         "sparsegpt_blocksize": ("64", 64),
+        "reconstruction_epochs": ("3", 3),
+        "reconstruction_lr": ("0.0003", 0.0003),
         "device": ("cpu", "cpu"),
         "offload_activations": ("true", True),
     }
