@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class Reconstruction:
     after: float
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"block": self.block, "before": self.before, "after": self.after}
+        return asdict(self)
 
 
 def _normalised_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,10 @@ def _normalised_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _error(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
-    return sum(float(_normalised_mse(run(b), t)) for b, t in enumerate(targets)) / len(targets)
+def _error(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor]) -> tuple[float, list]:
+    """Mean normalised error of ``run`` against ``targets``, and the outputs it gave."""
+    outputs = [run(b) for b in range(len(targets))]
+    return sum(float(_normalised_mse(o, t)) for o, t in zip(outputs, targets)) / len(targets), outputs
 
 
 def reconstruct_block(
@@ -51,15 +53,17 @@ def reconstruct_block(
     dense_outputs: Sequence[torch.Tensor],
     epochs: int,
     lr: float,
-) -> Reconstruction:
+) -> tuple[Reconstruction, list[torch.Tensor]]:
     """Fit the kept weights of ``targets`` so that ``run(b)`` (the block on batch ``b`` of the pruned
     model's inputs) matches ``dense_outputs[b]``; ``epochs`` passes of Adam, one step per batch.
 
-    The block must be in memory (not offloaded); its masks are read from the per-module state.
+    Returns the errors and the fitted block's outputs on every batch (the next block's inputs). The block
+    must be in memory (not offloaded); its masks are read from the per-module state, whose gradient
+    hooks (``state.set_param_state``) keep pruned weights out of every step.
     """
     params = [t.param for t in targets]
     masks = [get_state(t.module)[t.param_name].mask.to(t.param.device) for t in targets]
-    before = _error(run, dense_outputs)
+    before, _ = _error(run, dense_outputs)
     flags = {p: p.requires_grad for p in block.parameters()}
     originals = [p.data for p in params]
     done = False
@@ -83,12 +87,9 @@ def reconstruct_block(
             for _ in range(epochs):
                 for b, target in enumerate(dense_outputs):
                     _normalised_mse(run(b), target).backward()
-                    with torch.no_grad():
-                        for p, mask in zip(params, masks):
-                            if p.grad is not None:
-                                p.grad.mul_(mask)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                    # the gradient hooks already mask every step; this also clears what rounding could leave
                     with torch.no_grad():
                         for p, mask in zip(params, masks):
                             p.mul_(mask)
@@ -101,4 +102,5 @@ def reconstruct_block(
             p.grad = None
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return Reconstruction(index, before, _error(run, dense_outputs))
+    after, outputs = _error(run, dense_outputs)
+    return Reconstruction(index, before, after), outputs

@@ -235,10 +235,11 @@ def _walk(
                     write_param(block, t.module_name, t.param_name, new_param)
                     set_param_state(t.module, t.param_name, state)
                     report.modules.append(mod_report)
+            fitted = None  # the block's outputs, when reconstruction already computed them
             if dense_out is not None and targets:
                 bar.set_postfix_str("reconstruction")
                 dev = execution_device(block)
-                rec = reconstruct_block(
+                rec, fitted = reconstruct_block(
                     i,
                     block,
                     targets,
@@ -256,12 +257,14 @@ def _walk(
             if needs_data and i < len(blocks) - 1:
                 bar.set_postfix_str("recompute")
                 store = hidden[0].device
-                hidden = [
-                    captured.calls[i][b].call(block, h.to(execution_device(block))).to(store)
-                    for b, h in enumerate(hidden)
-                ]
-            if dense_out is not None:
-                dense_hidden = [o.to(hidden[0].device) for o in dense_out]
+                if fitted is None:
+                    fitted = [
+                        captured.calls[i][b].call(block, h.to(execution_device(block)))
+                        for b, h in enumerate(hidden)
+                    ]
+                hidden = [o.to(store) for o in fitted]
+                if dense_out is not None:
+                    dense_hidden = [o.to(store) for o in dense_out]
             if moved_from is not None:
                 block.to(moved_from)
                 for t in targets:  # masks live with their parameters, not on the compute device
