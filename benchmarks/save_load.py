@@ -5,7 +5,9 @@
 Three folders of the same weights: dense (no sparsity state), hybrid-pruned in the plain layout, and the
 compressed layout. Each round saves and loads every one of them (interleaved, page cache warm after the
 first round); medians with the spread. Every check the loader makes stays on (digests, masks against
-weights, tier maps), so the ratio is the price of the sparsity state.
+weights, tier maps), so the ratio is the price of the sparsity state. A dense load only maps the files
+(the weights are read when first used) while the checks read every pruned weight, so each load is also
+timed up to the end of a first 16-token forward ("load+forward"): the time until the model has answered.
 """
 
 from __future__ import annotations
@@ -48,23 +50,30 @@ def main() -> None:
             else:
                 save_pretrained(pruned, folders[kind], compressed=kind == "compressed")
 
-        times: dict[str, list[float]] = {f"{op} {k}": [] for op in ("save", "load") for k in folders}
+        ops = ("save", "load", "load+forward")
+        times: dict[str, list[float]] = {f"{op} {k}": [] for op in ops for k in folders}
+        ids = torch.randint(0, dense.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
         for r in range(args.rounds + 1):
             for kind in folders:
                 start = time.perf_counter()
                 save(kind)
                 saved = time.perf_counter() - start
                 start = time.perf_counter()
-                AutoModelForCausalLM.from_pretrained(folders[kind])
+                model = AutoModelForCausalLM.from_pretrained(folders[kind])
                 loaded = time.perf_counter() - start
+                with torch.no_grad():
+                    model(ids)
+                answered = time.perf_counter() - start
+                del model
                 if r:  # round 0 warms the page cache and the imports
                     times[f"save {kind}"].append(saved)
                     times[f"load {kind}"].append(loaded)
+                    times[f"load+forward {kind}"].append(answered)
     results = {"setup": vars(args) | {"threads": torch.get_num_threads()}, "seconds": {}}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         results["seconds"][name] = {"median": statistics.median(ts), "iqr": q[2] - q[0]}
-    for op in ("save", "load"):
+    for op in ops:
         base = results["seconds"][f"{op} dense"]["median"]
         for kind in ("hybrid", "compressed"):
             entry = results["seconds"][f"{op} {kind}"]

@@ -355,3 +355,58 @@ def test_compressed_values_count_is_checked(tmp_path):
     _rewrite(f, tensors={key: short})
     with pytest.raises(StorageError, match=r"up_proj\.weight: \d+ stored values for \d+ kept weights"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nonzero_bits_by_hand(dtype):
+    from hf_hybrid_sparse.checkpoint.reader import _nonzero_bits
+
+    # -0.0 is a pruned zero; NaN and the smallest subnormal are values a mask must keep
+    w = torch.tensor([[0.0, -0.0, 1.0, float("nan"), 0.0, 0.0, -2.0, 0.0, 0.0, 1e-45]]).to(dtype)
+    expected = [False, False, True, True, False, False, True, False, False, w[0, 9].item() != 0]
+    bits = _nonzero_bits(w)
+    assert bits.tolist() == [0b01001100, int(expected[9]) << 1]
+
+
+_OUTCOMES: set[bool] = set()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["dense", "topk", "nm"]))
+def test_byte_tier_check_agrees_with_check_hybrid(seed, broken):
+    """The loader's byte-counting check rejects exactly what ``check_hybrid`` rejects (16x16, 2:4)."""
+    from hf_hybrid_sparse.checkpoint.reader import _check_tiers_bytes
+    from hf_hybrid_sparse.pruning.patterns import DENSE, NM, TOPK, check_hybrid, expand_tiers
+
+    g = torch.Generator().manual_seed(seed)
+    tiers = torch.randint(0, 3, (2, 3), generator=g, dtype=torch.int8)
+    per = expand_tiers(tiers, 16)
+    scores = torch.rand(32, 48, generator=g)
+    nm_keep = scores.reshape(32, 12, 4).argsort(-1, descending=True).argsort(-1) < 2
+    mask = torch.where(per == DENSE, True, nm_keep.reshape(32, 48))
+    blocks = scores.reshape(2, 16, 3, 16).permute(0, 2, 1, 3).reshape(6, 256)
+    top = torch.zeros(6, 256, dtype=torch.bool).scatter_(1, blocks.topk(5, dim=1).indices, True)
+    top = top.reshape(2, 3, 16, 16).permute(0, 2, 1, 3).reshape(32, 48)
+    mask = torch.where(per == TOPK, top, mask)
+    r, c = int(torch.randint(0, 32, (1,), generator=g)), int(torch.randint(0, 48, (1,), generator=g))
+    code = {"dense": DENSE, "topk": TOPK, "nm": NM}[broken]
+    if (per == code).any():  # flip one weight of a block of that tier: keep it (nm/topk) or prune it (dense)
+        rows, cols = torch.nonzero(per == code, as_tuple=True)
+        r, c = int(rows[r % len(rows)]), int(cols[c % len(cols)])
+        mask[r, c] = code != DENSE
+    entry = {"shape": [32, 48], "tier_map": tiers, "topk_per_block": 5}
+    problems = check_hybrid(mask, tiers, 16, 2, 4, 5)
+    bits = pack_bits(mask).numpy()
+    _OUTCOMES.add(bool(problems))
+    if problems:
+        with pytest.raises(StorageError, match="does not obey its tier map"):
+            _check_tiers_bytes("k", bits, entry)
+    else:
+        _check_tiers_bytes("k", bits, entry)
+
+
+def test_byte_tier_check_saw_both_outcomes():
+    # the property above is only a test if some of its masks broke the rules and some did not
+    if not _OUTCOMES:
+        test_byte_tier_check_agrees_with_check_hybrid()
+    assert len(_OUTCOMES) == 2, _OUTCOMES

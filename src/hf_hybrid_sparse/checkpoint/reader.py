@@ -150,13 +150,18 @@ class Checkpoint:
     def mask_and_bits(self, key: str) -> tuple[torch.Tensor, np.ndarray | None]:
         """The keep-mask of ``key`` and, for the full layout, its packed bytes (the checks count bits in them)."""
         entry = self.doc["modules"][key]
-        packed = self.tensor(entry["mask"])
-        if entry.get("mask_scope", "all") != "nondense":
-            return _unpack(key, packed, entry["shape"]), packed.numpy()
-        informative = non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
-        mask = torch.ones(entry["shape"], dtype=torch.bool)
-        mask[informative] = _unpack(key, packed, (int(informative.sum()),))
-        return mask, None
+        return decode_mask(key, entry, self.tensor(entry["mask"]))
+
+
+def decode_mask(key: str, entry: dict, packed: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The keep-mask of module entry ``key`` from its stored ``packed`` bytes, and for the full layout the
+    bytes themselves as NumPy (thread-safe: it touches no file)."""
+    if entry.get("mask_scope", "all") != "nondense":
+        return _unpack(key, packed, entry["shape"]), packed.numpy()
+    informative = non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
+    mask = torch.ones(entry["shape"], dtype=torch.bool)
+    mask[informative] = _unpack(key, packed, (int(informative.sum()),))
+    return mask, None
 
 
 def _first_difference(a: str, b: str) -> str:
@@ -191,17 +196,16 @@ def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, to
     return module, pname, param
 
 
-_SIGN_FREE = {4: (torch.int32, 0x7FFFFFFF), 2: (torch.int16, 0x7FFF)}
-
-
 def _nonzero_bits(weight: torch.Tensor) -> np.ndarray:
-    """Packed bits (row-major, LSB first) of ``weight != 0``, computed on the raw bits (-0.0 counts as zero)."""
+    """Packed bits (row-major, LSB first) of ``weight != 0`` (-0.0 counts as zero, NaN as nonzero)."""
     w = weight.detach().cpu().contiguous()
-    if w.is_floating_point() and w.element_size() in _SIGN_FREE:
-        int_type, magnitude = _SIGN_FREE[w.element_size()]
-        raw = w.view(int_type).numpy().reshape(-1)
-        return np.packbits((raw & magnitude) != 0, bitorder="little")
-    return np.packbits((w != 0).numpy().reshape(-1), bitorder="little")
+    if w.dtype == torch.bfloat16:  # NumPy has no bfloat16: test the raw bits without the sign
+        nonzero = (w.view(torch.int16).numpy() & 0x7FFF) != 0
+    elif w.dtype in (torch.float32, torch.float16, torch.float64):
+        nonzero = w.numpy() != 0  # IEEE compare, one pass, no integer temporary
+    else:
+        nonzero = (w != 0).numpy()
+    return np.packbits(nonzero.reshape(-1), bitorder="little")
 
 
 def verified_state(
@@ -276,15 +280,23 @@ def restore_state(
                 raise StorageError(
                     f"{key}: the saved mask has shape {list(entry['shape'])} but the parameter has {list(param.shape)}."
                 )
-            mask, bits = ckpt.mask_and_bits(key)
+            packed = ckpt.tensor(entry["mask"])  # file reads stay on this thread; decoding goes to the pool
             if compressed:
+                mask, bits = decode_mask(key, entry, packed)
                 param = _fill_from_values(key, module, pname, param, mask, entry)
-            jobs.append((key, entry, mask, param, bits, module, pname))
+                packed = (mask, bits)
+            jobs.append((key, entry, packed, param, module, pname))
+
+        def check(job) -> ParamSparsity:
+            key, entry, packed, param = job[:4]
+            mask, bits = packed if isinstance(packed, tuple) else decode_mask(key, entry, packed)
+            return verified_state(key, entry, mask, param, bits)
+
         workers = max(1, min(torch.get_num_threads(), len(jobs)))
         with ThreadPoolExecutor(workers) as pool:
-            states = list(pool.map(lambda j: verified_state(*j[:5]), jobs))
+            states = list(pool.map(check, jobs))
         for job, state in zip(jobs, states):
-            set_param_state(job[5], job[6], state)
+            set_param_state(job[4], job[5], state)
     finally:
         if own:
             ckpt.__exit__(None, None, None)
@@ -322,14 +334,18 @@ def _check_pattern(key: str, mask: torch.Tensor, entry: dict) -> None:
         )
 
 
+#: byte -> whether one of its two 4-bit groups keeps more than 2 (a 2:4 violation)
+_OVER_2_OF_4 = np.array([bin(v & 15).count("1") > 2 or bin(v >> 4).count("1") > 2 for v in range(256)])
+
+
 def _check_tiers_bytes(key: str, bits: np.ndarray, entry: dict) -> None:
     """:func:`check_hybrid` for a 2-D 16x16 2:4 entry, counted on the packed bytes (two per block row)."""
     out_f, in_f = entry["shape"]
     rows, cols = out_f // 16, in_f // 16
     tiers = entry["tier_map"].numpy()
     b = bits.reshape(rows, 16, cols, 2)
-    per_row = popcount(b).astype(np.uint16)
-    counts = np.add.reduce(per_row[..., 0] + per_row[..., 1], axis=1)  # kept per block [rows, cols]
+    per_byte = popcount(b)
+    counts = per_byte.sum(axis=(1, 3), dtype=np.uint16)  # kept per block [rows, cols]
     if (counts[tiers == DENSE] != 256).any():
         raise StorageError(f"{key}: the mask does not obey its tier map (a DENSE block has pruned weights).")
     if (counts[tiers == TOPK] > entry["topk_per_block"]).any():
@@ -337,7 +353,7 @@ def _check_tiers_bytes(key: str, bits: np.ndarray, entry: dict) -> None:
             f"{key}: the mask does not obey its tier map (a TOPK block keeps more than {entry['topk_per_block']} weights)."
         )
     nm = (tiers == NM)[:, None, :, None]
-    if (((popcount(b & 0x0F) > 2) | (popcount(b >> 4) > 2)) & nm).any():
+    if (_OVER_2_OF_4[b] & nm).any():
         raise StorageError(
             f"{key}: the mask does not obey its tier map (an NM block has more than 2 of 4 kept)."
         )
