@@ -115,10 +115,10 @@ def layer_table(shapes, tokens, dtypes, rounds) -> list[dict]:
     return rows
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
     with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -153,14 +153,21 @@ def _load(name: str, dtype: torch.dtype):
 
 
 def rss_probe(spec: str) -> None:
-    """(in a fresh process) ``from_pretrained`` a saved folder -- packed on load when ``kernels`` -- and print the RSS."""
+    """(in a fresh process) ``from_pretrained`` a saved folder -- packed on load when ``kernels`` --, answer
+    one 8-token prompt, and print the resident memory then and its peak.
+
+    The forward matters: a dense load only maps the safetensors files, so before it the weights are not
+    resident yet (an earlier version of this probe measured exactly that).
+    """
     from transformers import AutoModelForCausalLM
 
     folder, dtype, kind = spec.split(",")
     extra = {"quantization_config": HybridSparseConfig(use_kernels=True)} if kind == "kernels" else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **extra)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long))
     gc.collect()
-    out(f"RSS {_rss_mib():.1f} {sum(1 for _ in model.modules())}")
+    out(f"RSS {_rss_mib():.1f} PEAK {_rss_mib('VmHWM'):.1f} {sum(1 for _ in model.modules())}")
 
 
 def e2e(name: str, dtype: torch.dtype, new_tokens: int, rounds: int) -> dict:
@@ -203,10 +210,12 @@ def e2e(name: str, dtype: torch.dtype, new_tokens: int, rounds: int) -> dict:
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             result[f"rss_mib_{kind}"] = float(probe.stdout.split("RSS")[-1].split()[0])
+            result[f"peak_rss_mib_{kind}"] = float(probe.stdout.split("PEAK")[-1].split()[0])
     out(
         f"e2e {name} {result['dtype']}: dense {result['dense_tok_s']:.2f} tok/s, hybrid {result['hybrid_tok_s']:.2f} "
         f"tok/s, x{result['x_dense']:.2f}; linear weights {result['linear_bytes_ratio']:.3f}x; "
-        f"RSS {result['rss_mib_dense']:.0f} -> {result['rss_mib_hybrid']:.0f} MiB"
+        f"RSS after a first forward {result['rss_mib_dense']:.0f} -> {result['rss_mib_hybrid']:.0f} MiB "
+        f"(peak {result['peak_rss_mib_dense']:.0f} -> {result['peak_rss_mib_hybrid']:.0f})"
     )
     return result
 

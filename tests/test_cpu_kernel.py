@@ -257,3 +257,23 @@ def test_use_kernels_packs_each_layer_as_it_loads(tmp_path, monkeypatch, family,
     probe = random_tokens(1, 10, seed=2)
     with torch.no_grad():
         assert torch.allclose(fast(input_ids=probe).logits, model(input_ids=probe).logits, atol=1e-5)
+
+
+def test_releasing_the_pages_of_a_packed_weight_keeps_every_value(tmp_path):
+    """The packed load hands the dense weight's pages back to the kernel; whoever still reads them (a
+    shared or tied tensor) must see the same values, from the file or from anonymous memory."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hf_hybrid_sparse.checkpoint.packed_load import _release_pages
+
+    weights = {"a": torch.randn(512, 700), "b": torch.randn(3, 5)}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as fh:
+        mapped = {k: fh.get_tensor(k) for k in weights}
+    anonymous = torch.randn(1024, 1024)
+    copy = anonymous.clone()
+    for t in (*mapped.values(), anonymous, anonymous[1:, 3:]):
+        _release_pages(t)
+    assert all(torch.equal(mapped[k], weights[k]) for k in weights)
+    assert torch.equal(anonymous, copy)

@@ -9,12 +9,50 @@ is never whole in memory: the peak is the packed model plus one dense layer.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import sys
+
 import torch
 from torch import nn
 
 from ..errors import StorageError
 from ..kernels.linear import HybridSparseLinear
 from .reader import Checkpoint, verified_state
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages; their content is kept (re-read from the file on use)
+
+
+def _release_pages(weight: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages of a dense CPU weight that was just packed.
+
+    safetensors maps each file once and keeps the mapping while any of its tensors lives (the embeddings,
+    the norms), so the pages read to pack a layer would stay resident beside the packed copy. PAGEOUT never
+    changes content (a page still in use is simply read back), so it is safe whoever else holds the
+    tensor; only the pages entirely inside the weight are touched. Best effort: elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux") or weight.device.type != "cpu":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return
+    start = weight.data_ptr()
+    lo = -(-start // page) * page
+    hi = (start + weight.numel() * weight.element_size()) // page * page
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_PAGEOUT))
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc): packing frees one dense temporary per
+    layer, which glibc would otherwise keep as resident memory of the process. Best effort."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class PackOnLoad(nn.Module):
@@ -56,6 +94,7 @@ class PackOnLoad(nn.Module):
         object.__setattr__(
             self, "built", HybridSparseLinear.from_weight(weight, state, None, origin, path=path)
         )
+        _release_pages(weight)
 
     def finish(self) -> HybridSparseLinear:
         """The packed layer, with its bias."""
@@ -92,3 +131,4 @@ def finish(model: nn.Module) -> None:
         if isinstance(module, PackOnLoad):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.finish())
+    _trim_heap()
