@@ -80,6 +80,7 @@ class PackOnLoad(nn.Module):
     def _pack(self, weight: torch.Tensor) -> None:
         key, entry, ckpt, origin, path = self._spec
         mask, bits = ckpt.mask_and_bits(key)
+        source = weight  # the tensor transformers read from the file (kept values or the dense weight)
         if weight.dim() == 1:  # compressed layout: the kept values
             if weight.numel() != entry["kept"]:
                 raise StorageError(f"{key}: {weight.numel()} stored values for {entry['kept']} kept weights.")
@@ -94,7 +95,7 @@ class PackOnLoad(nn.Module):
         object.__setattr__(
             self, "built", HybridSparseLinear.from_weight(weight, state, None, origin, path=path)
         )
-        _release_pages(weight)
+        _release_pages(source)
 
     def finish(self) -> HybridSparseLinear:
         """The packed layer, with its bias."""
