@@ -91,6 +91,8 @@ def main() -> None:
             batch_size=4,
         )
         tag = f" + reconstruction {args.reconstruction_epochs} ep lr {args.reconstruction_lr:g}"
+    # the learning rate of the recovery steps is part of a result's name when it is not the default
+    steps_tag = "" if args.lr == 1e-4 else f" (lr {args.lr:g})"
 
     def run(name, pruned, steps, kd: bool):
         if name in results:
@@ -112,11 +114,11 @@ def main() -> None:
             results.setdefault(key, {"perplexity": ppl(pruned), "sparsity": report.sparsity})
             save()
             if args.ce:
-                run(f"{key} + {args.steps} steps CE", copy.deepcopy(pruned), args.steps, kd=False)
-            run(f"{key} + {args.steps} steps KD", pruned, args.steps, kd=True)
+                run(f"{key} + {args.steps} steps CE{steps_tag}", copy.deepcopy(pruned), args.steps, kd=False)
+            run(f"{key} + {args.steps} steps KD{steps_tag}", pruned, args.steps, kd=True)
     if "progressive" in parts:
         cfg = HybridSparseConfig(method="sparsegpt", tier_group="row", layer_allocation="owl", **calib)
-        key = f"sparsegpt hybrid (row, owl{tag}) progressive 3 x {args.progressive_steps} steps KD"
+        key = f"sparsegpt hybrid (row, owl{tag}) progressive 3 x {args.progressive_steps} steps KD{steps_tag}"
         if key not in results:
             settings = ProgressiveSettings(
                 config=cfg,
