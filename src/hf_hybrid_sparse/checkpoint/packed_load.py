@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 
@@ -24,6 +25,17 @@ from .reader import Checkpoint, verified_state
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages; their content is kept (re-read from the file on use)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The process's C library on Linux (``None`` elsewhere or when it cannot be opened)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _release_pages(weight: torch.Tensor) -> None:
     """Ask the kernel to reclaim the pages of a dense CPU weight that was just packed.
 
@@ -32,13 +44,10 @@ def _release_pages(weight: torch.Tensor) -> None:
     changes content (a page still in use is simply read back), so it is safe whoever else holds the
     tensor; only the pages entirely inside the weight are touched. Best effort: elsewhere a no-op.
     """
-    if not sys.platform.startswith("linux") or weight.device.type != "cpu":
+    libc = _libc()
+    if libc is None or weight.device.type != "cpu":
         return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        page = os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return
+    page = os.sysconf("SC_PAGE_SIZE")
     start = weight.data_ptr()
     lo = -(-start // page) * page
     hi = (start + weight.numel() * weight.element_size()) // page * page
@@ -49,10 +58,10 @@ def _release_pages(weight: torch.Tensor) -> None:
 def _trim_heap() -> None:
     """Give the C heap's free memory back to the system (glibc): packing frees one dense temporary per
     layer, which glibc would otherwise keep as resident memory of the process. Best effort."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc
+            libc.malloc_trim(0)
 
 
 class PackOnLoad(nn.Module):

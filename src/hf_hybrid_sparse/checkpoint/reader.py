@@ -280,23 +280,23 @@ def restore_state(
                 raise StorageError(
                     f"{key}: the saved mask has shape {list(entry['shape'])} but the parameter has {list(param.shape)}."
                 )
-            packed = ckpt.tensor(entry["mask"])  # file reads stay on this thread; decoding goes to the pool
+            # file reads stay on this thread; decoding goes to the pool, except where the fill needs the mask
+            packed, decoded = ckpt.tensor(entry["mask"]), None
             if compressed:
-                mask, bits = decode_mask(key, entry, packed)
-                param = _fill_from_values(key, module, pname, param, mask, entry)
-                packed = (mask, bits)
-            jobs.append((key, entry, packed, param, module, pname))
+                decoded = decode_mask(key, entry, packed)
+                param = _fill_from_values(key, module, pname, param, decoded[0], entry)
+            jobs.append((key, entry, packed, decoded, param, module, pname))
 
         def check(job) -> ParamSparsity:
-            key, entry, packed, param = job[:4]
-            mask, bits = packed if isinstance(packed, tuple) else decode_mask(key, entry, packed)
+            key, entry, packed, decoded, param = job[:5]
+            mask, bits = decoded or decode_mask(key, entry, packed)
             return verified_state(key, entry, mask, param, bits)
 
         workers = max(1, min(torch.get_num_threads(), len(jobs)))
         with ThreadPoolExecutor(workers) as pool:
             states = list(pool.map(check, jobs))
         for job, state in zip(jobs, states):
-            set_param_state(job[4], job[5], state)
+            set_param_state(job[5], job[6], state)
     finally:
         if own:
             ckpt.__exit__(None, None, None)
