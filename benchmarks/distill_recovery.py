@@ -1,14 +1,15 @@
 """Recovery with distillation from the dense teacher, on the embedded SmolLM2-135M (CPU).
 
     python benchmarks/distill_recovery.py [--parts unstructured,progressive] [--methods sparsegpt,wanda]
-        [--steps 100] [--progressive_steps 50] [--ce]
+        [--steps 100] [--progressive_steps 50 | --progressive_split 50,100,150] [--ce]
 
 unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps`` full
 fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
 ``--ce`` also the same steps with plain cross-entropy, for comparison; ``--reconstruction_epochs`` adds
 block-wise reconstruction (calibration batches of 4) to every pruning. progressive: SparseGPT hybrid, row
 tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations (0.7/0.3/0 -> 0.5/0.4/0.1 ->
-0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each. Perplexity on held-out test-split
+0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or ``--progressive_split``'s
+count after each). Perplexity on held-out test-split
 windows of 256 tokens; every result carries the dense perplexity measured in the same run. Results are
 appended to the JSON (a rerun skips what is there).
 """
@@ -50,6 +51,11 @@ def main() -> None:
     ap.add_argument("--parts", default="unstructured,progressive")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--progressive_steps", type=int, default=50)
+    ap.add_argument(
+        "--progressive_split",
+        default="",
+        help="steps per iteration, e.g. 50,100,150 (overrides --progressive_steps; the sum is the budget)",
+    )
     ap.add_argument("--methods", default="sparsegpt,wanda")
     ap.add_argument("--ce", action="store_true", help="also fine-tune with plain cross-entropy")
     ap.add_argument(
@@ -80,7 +86,14 @@ def main() -> None:
     if "dense" not in results:
         results["dense"] = ppl(model)
         save()
-    most = max(args.steps, 3 * args.progressive_steps)
+    split = (
+        [int(s) for s in args.progressive_split.split(",")]
+        if args.progressive_split
+        else [args.progressive_steps] * len(SCHEDULE)
+    )
+    if len(split) != len(SCHEDULE):
+        raise SystemExit(f"--progressive_split needs {len(SCHEDULE)} step counts, got {split}")
+    most = max(args.steps, max(split))
     data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=most * args.batch)
     calib = dict(nsamples=32, seqlen=512)
     tag = ""
@@ -118,7 +131,8 @@ def main() -> None:
             run(f"{key} + {args.steps} steps KD{steps_tag}", pruned, args.steps, kd=True)
     if "progressive" in parts:
         cfg = HybridSparseConfig(method="sparsegpt", tier_group="row", layer_allocation="owl", **calib)
-        key = f"sparsegpt hybrid (row, owl{tag}) progressive 3 x {args.progressive_steps} steps KD{steps_tag}"
+        steps_name = f"3 x {split[0]}" if len(set(split)) == 1 else "+".join(map(str, split))
+        key = f"sparsegpt hybrid (row, owl{tag}) progressive {steps_name} steps KD{steps_tag}"
         if key not in results:
             settings = ProgressiveSettings(
                 config=cfg,
@@ -131,7 +145,9 @@ def main() -> None:
                 eval_windows=args.eval_windows,
                 distillation=distill,
             )
-            schedule = [Iteration(i + 1, r) for i, r in enumerate(SCHEDULE)]
+            schedule = [
+                Iteration(i + 1, r, finetune_steps=s) for i, (r, s) in enumerate(zip(SCHEDULE, split))
+            ]
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as folder:
                 summary = run_progressive(copy.deepcopy(model), tok, schedule, settings, folder)

@@ -20,6 +20,7 @@ LEVELS = {
     "bits": 0,
     "devices": 0,
     "logs": 0,
+    "system": 0,
     "state": 1,
     "config": 1,
     "viz": 1,

@@ -11,29 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
-import sys
 
 import torch
 from torch import nn
 
+from .. import system
 from ..errors import StorageError
 from ..kernels.linear import HybridSparseLinear
 from .reader import Checkpoint, verified_state
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages; their content is kept (re-read from the file on use)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The process's C library on Linux (``None`` elsewhere or when it cannot be opened)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def _release_pages(weight: torch.Tensor) -> None:
@@ -44,7 +32,7 @@ def _release_pages(weight: torch.Tensor) -> None:
     changes content (a page still in use is simply read back), so it is safe whoever else holds the
     tensor; only the pages entirely inside the weight are touched. Best effort: elsewhere a no-op.
     """
-    libc = _libc()
+    libc = system.libc()
     if libc is None or weight.device.type != "cpu":
         return
     page = os.sysconf("SC_PAGE_SIZE")
@@ -58,7 +46,7 @@ def _release_pages(weight: torch.Tensor) -> None:
 def _trim_heap() -> None:
     """Give the C heap's free memory back to the system (glibc): packing frees one dense temporary per
     layer, which glibc would otherwise keep as resident memory of the process. Best effort."""
-    libc = _libc()
+    libc = system.libc()
     if libc is not None:
         with contextlib.suppress(AttributeError):  # not glibc
             libc.malloc_trim(0)
