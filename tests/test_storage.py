@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -403,6 +404,29 @@ def test_byte_tier_check_agrees_with_check_hybrid(seed, broken):
             _check_tiers_bytes("k", bits, entry)
     else:
         _check_tiers_bytes("k", bits, entry)
+
+
+def test_two_of_four_bit_trick_is_exact_on_every_segment():
+    """The bit-parallel 2:4 test agrees with counting each 4-bit group, for all 65536 16-bit segments."""
+    from hf_hybrid_sparse.checkpoint.reader import _over_2_of_4
+
+    values = np.arange(65536, dtype=np.uint16)
+    groups = [(values >> shift) & 15 for shift in (0, 4, 8, 12)]
+    naive = np.zeros(65536, dtype=bool)
+    for g in groups:
+        naive |= np.array([bin(int(v)).count("1") > 2 for v in g])
+    assert (_over_2_of_4(values).astype(bool) == naive).all()
+    assert naive.sum() == 65536 - 11**4  # 11 of the 16 values of a group keep at most 2
+
+
+def test_popcount_fallback_counts_wide_elements(monkeypatch):
+    from hf_hybrid_sparse import bits
+
+    values = np.array([[0, 1, 0xFFFF], [0x8001, 0x00F0, 0x1234]], dtype=np.uint16)
+    expected = np.array([[0, 1, 16], [2, 4, 5]])
+    assert (bits.popcount(values) == expected).all()
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy < 2 has no bitwise_count
+    assert (bits.popcount(values) == expected).all()
 
 
 def test_byte_tier_check_saw_both_outcomes():

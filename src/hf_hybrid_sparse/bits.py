@@ -34,10 +34,11 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def popcount(packed: np.ndarray) -> np.ndarray:
-    """Set bits of each byte (``numpy.bitwise_count`` where NumPy has it)."""
+    """Set bits of each element of an unsigned integer array (``numpy.bitwise_count`` where NumPy has it)."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(packed)
-    return np.unpackbits(packed[..., None], axis=-1).sum(-1, dtype=np.uint8)
+    per_byte = np.unpackbits(packed.view(np.uint8)[..., None], axis=-1).sum(-1, dtype=np.uint8)
+    return per_byte.reshape(*packed.shape, packed.itemsize).sum(-1, dtype=np.uint8)
 
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:

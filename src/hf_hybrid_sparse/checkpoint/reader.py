@@ -334,8 +334,16 @@ def _check_pattern(key: str, mask: torch.Tensor, entry: dict) -> None:
         )
 
 
-#: byte -> whether one of its two 4-bit groups keeps more than 2 (a 2:4 violation)
-_OVER_2_OF_4 = np.array([bin(v & 15).count("1") > 2 or bin(v >> 4).count("1") > 2 for v in range(256)])
+def _over_2_of_4(segments: np.ndarray) -> np.ndarray:
+    """Per uint16 (16 mask bits, four 2:4 groups of 4): nonzero where some group keeps more than 2.
+
+    Bit-parallel: each 4-bit group's count (0..4) lands in its own nibble; a count of 3 or 4 is exactly
+    the one whose nibble reaches bit 2 after adding 1. Byte order does not matter: a group never straddles
+    a byte.
+    """
+    x = segments - ((segments >> 1) & 0x5555)
+    x = (x & 0x3333) + ((x >> 2) & 0x3333)
+    return (x + 0x1111) & 0x4444
 
 
 def _check_tiers_bytes(key: str, bits: np.ndarray, entry: dict) -> None:
@@ -343,17 +351,16 @@ def _check_tiers_bytes(key: str, bits: np.ndarray, entry: dict) -> None:
     out_f, in_f = entry["shape"]
     rows, cols = out_f // 16, in_f // 16
     tiers = entry["tier_map"].numpy()
-    b = bits.reshape(rows, 16, cols, 2)
-    per_byte = popcount(b)
-    counts = per_byte.sum(axis=(1, 3), dtype=np.uint16)  # kept per block [rows, cols]
+    # one uint16 per 16-column row segment of a block: [block row, row in block, block column]
+    segments = bits.view(np.uint16).reshape(rows, 16, cols)
+    counts = popcount(segments).sum(axis=1, dtype=np.uint16)  # kept per block [rows, cols]
     if (counts[tiers == DENSE] != 256).any():
         raise StorageError(f"{key}: the mask does not obey its tier map (a DENSE block has pruned weights).")
     if (counts[tiers == TOPK] > entry["topk_per_block"]).any():
         raise StorageError(
             f"{key}: the mask does not obey its tier map (a TOPK block keeps more than {entry['topk_per_block']} weights)."
         )
-    nm = (tiers == NM)[:, None, :, None]
-    if (_OVER_2_OF_4[b] & nm).any():
+    if (_over_2_of_4(segments).astype(bool) & (tiers == NM)[:, None, :]).any():
         raise StorageError(
             f"{key}: the mask does not obey its tier map (an NM block has more than 2 of 4 kept)."
         )
