@@ -5,7 +5,8 @@
 
 unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps`` full
 fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
-``--ce`` also the same steps with plain cross-entropy, for comparison; ``--reconstruction_epochs`` adds
+``--ce`` also the same steps with plain cross-entropy, for comparison; ``--hidden_weight`` adds the
+per-block normalised hidden-state loss to the KL; ``--reconstruction_epochs`` adds
 block-wise reconstruction (calibration batches of 4) to every pruning. progressive: SparseGPT hybrid, row
 tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations (0.7/0.3/0 -> 0.5/0.4/0.1 ->
 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or ``--progressive_split``'s
@@ -63,6 +64,9 @@ def main() -> None:
     )
     ap.add_argument("--reconstruction_lr", type=float, default=1e-4)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument(
+        "--hidden_weight", type=float, default=0.0, help="add the per-block hidden-state loss (SquareHead)"
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=24)
@@ -73,7 +77,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     model, tok = load_model_and_tokenizer()
     teacher = dense_teacher(model)
-    distill = DistillationConfig(temperature=2.0)
+    distill = DistillationConfig(temperature=2.0, hidden_weight=args.hidden_weight)
 
     def ppl(m):
         return smollm2_perplexity(m, tok, args.seqlen, args.eval_windows)
@@ -106,6 +110,8 @@ def main() -> None:
         tag = f" + reconstruction {args.reconstruction_epochs} ep lr {args.reconstruction_lr:g}"
     # the learning rate of the recovery steps is part of a result's name when it is not the default
     steps_tag = "" if args.lr == 1e-4 else f" (lr {args.lr:g})"
+    if args.hidden_weight:
+        steps_tag += f" + hidden {args.hidden_weight:g}"
 
     def run(name, pruned, steps, kd: bool):
         if name in results:
