@@ -29,6 +29,8 @@ class DistillationConfig:
         kl_weight: weight of the logit KL.
         ce_weight: weight of the ordinary next-token loss on the labels.
         hidden_weight: weight of the per-block normalised hidden-state MSE (0 disables it and saves memory).
+            The term is the mean over blocks, so a weight near the number of blocks gives the sum over
+            layers of Kurtić et al.'s SquareHead loss.
     """
 
     temperature: float = field(
