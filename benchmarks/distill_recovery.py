@@ -72,6 +72,13 @@ def main() -> None:
     ap.add_argument("--eval_windows", type=int, default=24)
     ap.add_argument("--json", default="benchmarks/distill_recovery.json")
     args = ap.parse_args()
+    split = (
+        [int(s) for s in args.progressive_split.split(",")]
+        if args.progressive_split
+        else [args.progressive_steps] * len(SCHEDULE)
+    )
+    if len(split) != len(SCHEDULE):
+        raise SystemExit(f"--progressive_split needs {len(SCHEDULE)} step counts, got {split}")
     hf_logging.set_verbosity_warning()
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -90,15 +97,9 @@ def main() -> None:
     if "dense" not in results:
         results["dense"] = ppl(model)
         save()
-    split = (
-        [int(s) for s in args.progressive_split.split(",")]
-        if args.progressive_split
-        else [args.progressive_steps] * len(SCHEDULE)
-    )
-    if len(split) != len(SCHEDULE):
-        raise SystemExit(f"--progressive_split needs {len(SCHEDULE)} step counts, got {split}")
-    most = max(args.steps, max(split))
-    data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=most * args.batch)
+    # the unstructured runs' training windows (the progressive runs draw their own); windows are the
+    # corpus's first ones, so the same steps always see the same data
+    data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=args.steps * args.batch)
     calib = dict(nsamples=32, seqlen=512)
     tag = ""
     if args.reconstruction_epochs:
