@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument(
         "--hidden_weight", type=float, default=0.0, help="add the per-block hidden-state loss (SquareHead)"
     )
+    ap.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=24)
@@ -84,7 +85,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     model, tok = load_model_and_tokenizer()
     teacher = dense_teacher(model)
-    distill = DistillationConfig(temperature=2.0, hidden_weight=args.hidden_weight)
+    distill = DistillationConfig(temperature=args.temperature, hidden_weight=args.hidden_weight)
 
     def ppl(m):
         return smollm2_perplexity(m, tok, args.seqlen, args.eval_windows)
@@ -111,6 +112,8 @@ def main() -> None:
         tag = f" + reconstruction {args.reconstruction_epochs} ep lr {args.reconstruction_lr:g}"
     # the learning rate of the recovery steps is part of a result's name when it is not the default
     steps_tag = "" if args.lr == 1e-4 else f" (lr {args.lr:g})"
+    if args.temperature != 2.0:
+        steps_tag += f" (T {args.temperature:g})"
     if args.hidden_weight:
         steps_tag += f" + hidden {args.hidden_weight:g}"
 

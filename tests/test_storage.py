@@ -406,6 +406,31 @@ def test_byte_tier_check_agrees_with_check_hybrid(seed, broken):
         _check_tiers_bytes("k", bits, entry)
 
 
+@pytest.mark.parametrize("tiered", [True, False])
+def test_kept_count_disagreeing_with_the_metadata_is_refused(tiered):
+    """The kept count comes from the tier rules' block counts (tiered) or a popcount: either catches a
+    header whose ``kept`` is off by one, and a weight the mask prunes that is not zero."""
+    from hf_hybrid_sparse.checkpoint.reader import verified_state
+    from hf_hybrid_sparse.pruning.patterns import NM, TOPK
+
+    tiers = torch.tensor([[NM, TOPK], [TOPK, NM]], dtype=torch.int8)
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[:16, 0:16:2] = mask[16:, 16::4] = True  # NM blocks keep 2 of 4, TOPK blocks keep nothing
+    weight = torch.randn(32, 32) * mask
+    entry = {
+        "shape": (32, 32), "transposed": False, "pattern": "hybrid" if tiered else "unstructured",
+        "method": "wanda", "block_size": 16, "nm": "2:4", "topk_per_block": 15,
+        "tier_map": tiers if tiered else None, "kept": int(mask.sum()),
+    }  # fmt: skip
+    bits = pack_bits(mask).numpy()
+    assert verified_state("k", entry, mask, weight, bits).mask.equal(mask)
+    with pytest.raises(StorageError, match=f"keeps {int(mask.sum())} weights, the metadata says"):
+        verified_state("k", entry | {"kept": int(mask.sum()) + 1}, mask, weight, bits)
+    weight[20, 1] = 1e-30  # pruned position (TOPK block keeping nothing / unstructured zero)
+    with pytest.raises(StorageError, match="1 weights that the mask prunes are not zero"):
+        verified_state("k", entry, mask, weight, bits)
+
+
 def test_two_of_four_bit_trick_is_exact_on_every_segment():
     """The bit-parallel 2:4 test agrees with counting each 4-bit group, for all 65536 16-bit segments."""
     from hf_hybrid_sparse.checkpoint.reader import _over_2_of_4

@@ -80,13 +80,14 @@ def decode_tier_map(entry: Any, where: str) -> torch.Tensor:
     n = math.prod(shape)
     if len(raw) != (n + 3) // 4:
         raise StorageError(f"{where}: tier_map holds {len(raw)} bytes, shape {shape} needs {(n + 3) // 4}.")
-    packed = np.frombuffer(raw, dtype=np.uint8)
-    codes = torch.from_numpy(
-        np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:n].copy()
-    )
+    codes = _CODES_OF_BYTE[np.frombuffer(raw, dtype=np.uint8)].reshape(-1)[:n]
     if n and int(codes.max()) > TOPK:
         raise StorageError(f"{where}: tier code {int(codes.max())} is out of range (0..{TOPK}).")
-    return codes.to(torch.int8).reshape(shape)
+    return torch.from_numpy(codes).reshape(shape)
+
+
+#: the four 2-bit codes of every byte value (lowest bits first), so decoding is one table lookup
+_CODES_OF_BYTE = np.array([[(b >> s) & 3 for s in (0, 2, 4, 6)] for b in range(256)], dtype=np.int8)
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:

@@ -218,7 +218,16 @@ def verified_state(
     """
     if bits is None:
         bits = pack_bits(mask).numpy()
-    kept = int(popcount(bits).sum(dtype=np.int64))
+    byte_rules = (
+        entry["tier_map"] is not None
+        and len(entry["shape"]) == 2
+        and not entry["transposed"]
+        and entry["block_size"] == 16
+        and entry["nm"] == "2:4"
+    )
+    # the tier rules count kept weights per block anyway: their sum is the kept count
+    counted = _segment_counts(bits, entry) if byte_rules else None
+    kept = int((counted[1] if counted else popcount(bits)).sum(dtype=np.int64))
     if kept != entry["kept"]:
         raise StorageError(f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}.")
     if weight is not None and weight.device.type != "meta":
@@ -228,16 +237,10 @@ def verified_state(
                 f"{key}: {revived} weights that the mask prunes are not zero; the weights "
                 "and the mask disagree (edited or mixed-up checkpoint)."
             )
-    if entry["tier_map"] is not None:
-        if (
-            len(entry["shape"]) == 2
-            and not entry["transposed"]
-            and entry["block_size"] == 16
-            and entry["nm"] == "2:4"
-        ):
-            _check_tiers_bytes(key, bits, entry)
-        else:
-            _check_tiers(key, mask, entry["tier_map"], entry)
+    if byte_rules:
+        _check_tiers_bytes(key, bits, entry, counted)
+    elif entry["tier_map"] is not None:
+        _check_tiers(key, mask, entry["tier_map"], entry)
     else:
         _check_pattern(key, mask, entry)
     device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
@@ -346,14 +349,23 @@ def _over_2_of_4(segments: np.ndarray) -> np.ndarray:
     return (x + 0x1111) & 0x4444
 
 
-def _check_tiers_bytes(key: str, bits: np.ndarray, entry: dict) -> None:
-    """:func:`check_hybrid` for a 2-D 16x16 2:4 entry, counted on the packed bytes (two per block row)."""
+def _segment_counts(bits: np.ndarray, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's 16-bit row segments ``[block row, row in block, block column]`` of a 2-D 16x16 entry,
+    and the kept weights per block ``[block rows, block columns]``."""
     out_f, in_f = entry["shape"]
-    rows, cols = out_f // 16, in_f // 16
+    segments = bits.view(np.uint16).reshape(out_f // 16, 16, in_f // 16)
+    return segments, popcount(segments).sum(axis=1, dtype=np.uint16)
+
+
+def _check_tiers_bytes(
+    key: str, bits: np.ndarray, entry: dict, counted: tuple[np.ndarray, np.ndarray] | None = None
+) -> None:
+    """:func:`check_hybrid` for a 2-D 16x16 2:4 entry, counted on the packed bytes (two per block row).
+
+    ``counted`` is :func:`_segment_counts` of ``bits`` when the caller has it already.
+    """
     tiers = entry["tier_map"].numpy()
-    # one uint16 per 16-column row segment of a block: [block row, row in block, block column]
-    segments = bits.view(np.uint16).reshape(rows, 16, cols)
-    counts = popcount(segments).sum(axis=1, dtype=np.uint16)  # kept per block [rows, cols]
+    segments, counts = counted if counted is not None else _segment_counts(bits, entry)
     if (counts[tiers == DENSE] != 256).any():
         raise StorageError(f"{key}: the mask does not obey its tier map (a DENSE block has pruned weights).")
     if (counts[tiers == TOPK] > entry["topk_per_block"]).any():
