@@ -75,6 +75,19 @@ def test_every_path_is_exact_against_the_dense_masked_product(dtype, threads):
         torch.set_num_threads(saved)
 
 
+def test_prefill_split_into_many_panels_is_exact():
+    """Prefill normally unpacks small layers in one panel; force one block-row per panel."""
+    w, mask, tiers = _weight(96, 80, torch.float32, k=15, seed=3)
+    packed = pack(w, mask, tiers, 15)
+    tensors = [packed.tensors[f] for f in FIELDS]
+    x = torch.randn(40, 80)
+    try:
+        torch.ops.hf_hybrid_sparse.set_panel(4096, 16)
+        _check(cpu.linear(x, tensors, None, 96, 15), w, x, None, torch.float32)
+    finally:
+        torch.ops.hf_hybrid_sparse.set_panel(4 << 20, 1024)
+
+
 def test_layer_paths_agree_and_accept_non_contiguous_input():
     w, mask, tiers = _weight(64, 96, torch.float32)
     layer = HybridSparseLinear(pack(w, mask, tiers, 15), torch.randn(64))

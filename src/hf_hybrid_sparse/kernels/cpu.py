@@ -2,7 +2,7 @@
 
 The C++ lives in ``csrc/hybrid_cpu.cpp``; :mod:`hf_hybrid_sparse.native` builds and loads it on first use
 (about a minute, cached per CPU type). The kernel reads each packed byte once for 1-16 tokens and feeds
-cache-sized unpacked panels to the BLAS for more (prefill).
+unpacked panels of at least 1024 rows (a reused buffer) to the BLAS for more (prefill).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ mask (both are derived when asked: :meth:`HybridSparseLinear.dense_weight`, :met
 :meth:`~HybridSparseLinear.tier_map`). Forward paths:
 
 * ``cpu`` -- the C++ kernel of :mod:`.cpu` (built on first use): 1-16 tokens read each packed byte once,
-  more tokens (prefill) feed cache-sized unpacked panels to the BLAS. fp32, bf16 and fp16.
+  more tokens (prefill) feed unpacked panels (a reused buffer) to the BLAS. fp32, bf16 and fp16.
 * ``triton`` -- on CUDA, 1-16 tokens: the decode kernel of :mod:`.triton_decode`; more tokens unpack the
   weight for the call and run the dense GEMM.
 * ``reference`` -- pure PyTorch, any device: unpack to the dense masked weight, ``F.linear``. Exact against
