@@ -60,6 +60,11 @@ def main() -> None:
     ap.add_argument("--methods", default="sparsegpt,wanda")
     ap.add_argument("--ce", action="store_true", help="also fine-tune with plain cross-entropy")
     ap.add_argument(
+        "--dense_ce",
+        action="store_true",
+        help="fine-tune the dense model with the same cross-entropy steps (how much is fitting the corpus)",
+    )
+    ap.add_argument(
         "--reconstruction_epochs", type=int, default=0, help="block-wise reconstruction in every pruning"
     )
     ap.add_argument("--reconstruction_lr", type=float, default=1e-4)
@@ -128,6 +133,8 @@ def main() -> None:
         out(f"{name}: {results[name]}")
 
     parts = args.parts.split(",")
+    if args.dense_ce:
+        run(f"dense + {args.steps} steps CE{steps_tag}", copy.deepcopy(model), args.steps, kd=False)
     if "unstructured" in parts:
         for method in args.methods.split(","):
             pruned = copy.deepcopy(model)
