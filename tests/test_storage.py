@@ -431,6 +431,17 @@ def test_kept_count_disagreeing_with_the_metadata_is_refused(tiered):
         verified_state("k", entry, mask, weight, bits)
 
 
+def test_two_bit_codes_unpack_by_shifting_for_every_byte_and_round_trip():
+    from hf_hybrid_sparse.bits import pack_2bit, unpack_2bit
+
+    every = torch.arange(256, dtype=torch.uint8)
+    expected = torch.stack([(every >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
+    assert torch.equal(unpack_2bit(every, 1024), expected)
+    codes = torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert torch.equal(unpack_2bit(pack_2bit(codes), 7), codes)
+    assert unpack_2bit(torch.zeros(0, dtype=torch.uint8), 0).shape == (0,)
+
+
 def test_two_of_four_bit_trick_is_exact_on_every_segment():
     """The bit-parallel 2:4 test agrees with counting each 4-bit group, for all 65536 16-bit segments."""
     from hf_hybrid_sparse.checkpoint.reader import _over_2_of_4

@@ -51,8 +51,14 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     return q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
 
 
+#: the four 2-bit codes of every byte value, the first lowest: unpacking is one table lookup
+_CODES_OF_BYTE = torch.tensor(
+    [[(b >> s) & 3 for s in (0, 2, 4, 6)] for b in range(256)], dtype=torch.uint8, device="cpu"
+)
+
+
 def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_2bit`: ``uint8 [..., n]`` codes from ``[..., ceil(n/4)]`` bytes."""
     b = packed.to(torch.uint8)
-    codes = torch.stack([(b >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
+    codes = _CODES_OF_BYTE.to(b.device)[b.long()]
     return codes.reshape(*b.shape[:-1], -1)[..., :n]
