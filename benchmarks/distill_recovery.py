@@ -5,7 +5,8 @@
 
 unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps`` full
 fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
-``--ce`` also the same steps with plain cross-entropy, for comparison; ``--hidden_weight`` adds the
+``--ce`` also the same steps with plain cross-entropy, for comparison; ``--ce_weight`` adds the labels'
+cross-entropy to the KL; ``--layer_allocation owl`` spreads the 50% over layers by OWL; ``--hidden_weight`` adds the
 per-block normalised hidden-state loss to the KL; ``--reconstruction_epochs`` adds
 block-wise reconstruction (calibration batches of 4) to every pruning. progressive: SparseGPT hybrid, row
 tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations (0.7/0.3/0 -> 0.5/0.4/0.1 ->
@@ -73,6 +74,12 @@ def main() -> None:
         "--hidden_weight", type=float, default=0.0, help="add the per-block hidden-state loss (SquareHead)"
     )
     ap.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
+    ap.add_argument(
+        "--ce_weight", type=float, default=0.0, help="add the labels' cross-entropy to the KL (KD + CE)"
+    )
+    ap.add_argument(
+        "--layer_allocation", default="uniform", help="uniform or owl, for the unstructured pruning"
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=24)
@@ -90,7 +97,9 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     model, tok = load_model_and_tokenizer()
     teacher = dense_teacher(model)
-    distill = DistillationConfig(temperature=args.temperature, hidden_weight=args.hidden_weight)
+    distill = DistillationConfig(
+        temperature=args.temperature, hidden_weight=args.hidden_weight, ce_weight=args.ce_weight
+    )
 
     def ppl(m):
         return smollm2_perplexity(m, tok, args.seqlen, args.eval_windows)
@@ -121,6 +130,8 @@ def main() -> None:
         steps_tag += f" (T {args.temperature:g})"
     if args.hidden_weight:
         steps_tag += f" + hidden {args.hidden_weight:g}"
+    if args.ce_weight:
+        steps_tag += f" + CE {args.ce_weight:g}"
 
     def run(name, pruned, steps, kd: bool):
         if name in results:
@@ -138,11 +149,19 @@ def main() -> None:
     if "unstructured" in parts:
         for method in args.methods.split(","):
             pruned = copy.deepcopy(model)
-            cfg = HybridSparseConfig(method=method, pattern="unstructured", sparsity=0.5, **calib)
+            cfg = HybridSparseConfig(
+                method=method,
+                pattern="unstructured",
+                sparsity=0.5,
+                layer_allocation=args.layer_allocation,
+                **calib,
+            )
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
-            key = f"{method} unstructured 50%{tag}"
-            results.setdefault(key, {"perplexity": ppl(pruned), "sparsity": report.sparsity})
-            save()
+            owl = " (owl)" if args.layer_allocation != "uniform" else ""
+            key = f"{method} unstructured 50%{owl}{tag}"
+            if key not in results:
+                results[key] = {"perplexity": ppl(pruned), "sparsity": report.sparsity}
+                save()
             if args.ce:
                 run(f"{key} + {args.steps} steps CE{steps_tag}", copy.deepcopy(pruned), args.steps, kd=False)
             run(f"{key} + {args.steps} steps KD{steps_tag}", pruned, args.steps, kd=True)

@@ -432,14 +432,19 @@ def test_kept_count_disagreeing_with_the_metadata_is_refused(tiered):
 
 
 def test_two_bit_codes_unpack_by_shifting_for_every_byte_and_round_trip():
-    from hf_hybrid_sparse.bits import pack_2bit, unpack_2bit
+    from hf_hybrid_sparse.bits import pack_2bit, unpack_2bit, unpack_2bit_bytes
 
     every = torch.arange(256, dtype=torch.uint8)
     expected = torch.stack([(every >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
     assert torch.equal(unpack_2bit(every, 1024), expected)
+    assert torch.equal(torch.from_numpy(unpack_2bit_bytes(every.numpy().tobytes(), 1023)), expected[:1023])
     codes = torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     assert torch.equal(unpack_2bit(pack_2bit(codes), 7), codes)
+    assert torch.equal(
+        torch.from_numpy(unpack_2bit_bytes(pack_2bit(codes[0]).numpy().tobytes(), 7)), codes[0]
+    )
     assert unpack_2bit(torch.zeros(0, dtype=torch.uint8), 0).shape == (0,)
+    assert unpack_2bit_bytes(b"", 0).shape == (0,)
 
 
 def test_two_of_four_bit_trick_is_exact_on_every_segment():

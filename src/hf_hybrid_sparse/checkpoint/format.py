@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bits import pack_2bit, unpack_2bit
+from ..bits import pack_2bit, unpack_2bit_bytes
 from ..config import parse_nm
 from ..errors import ConfigError, StorageError
 from ..pruning.patterns import TOPK
@@ -80,11 +80,11 @@ def decode_tier_map(entry: Any, where: str) -> torch.Tensor:
     n = math.prod(shape)
     if len(raw) != (n + 3) // 4:
         raise StorageError(f"{where}: tier_map holds {len(raw)} bytes, shape {shape} needs {(n + 3) // 4}.")
-    # from_numpy, not a factory: headers are parsed inside from_pretrained's meta-device context
-    codes = unpack_2bit(torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()), n)
+    # NumPy, then one from_numpy: headers are parsed inside from_pretrained's meta-device context
+    codes = unpack_2bit_bytes(raw, n)
     if n and int(codes.max()) > TOPK:
         raise StorageError(f"{where}: tier code {int(codes.max())} is out of range (0..{TOPK}).")
-    return codes.to(torch.int8).reshape(shape)
+    return torch.from_numpy(codes.astype(np.int8).reshape(shape))
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
