@@ -87,7 +87,8 @@ def smollm2_perplexity(model, tokenizer, seqlen: int, windows: int) -> float:
 def train(
     model, dataset, steps: int, batch: int, lr: float, trainer_kwargs: dict | None = None, **extra: Any
 ) -> float:
-    """Fine-tune with ``SparseTrainer`` on CPU for ``steps`` (constant lr, no weight decay); returns seconds.
+    """Fine-tune with ``SparseTrainer`` on CPU for ``steps`` (constant lr unless ``extra`` says otherwise, no
+    weight decay); returns seconds.
 
     ``trainer_kwargs`` go to ``SparseTrainer`` (e.g. ``teacher_model``, ``distillation``), ``extra`` to
     ``TrainingArguments``."""
@@ -101,14 +102,13 @@ def train(
             max_steps=steps,
             per_device_train_batch_size=batch,
             learning_rate=lr,
-            lr_scheduler_type="constant",
             weight_decay=0.0,
             use_cpu=not torch.cuda.is_available(),
             report_to=[],
             save_strategy="no",
             logging_steps=5,
             disable_tqdm=True,
-            **extra,
+            **({"lr_scheduler_type": "constant"} | extra),
         )
         start = time.perf_counter()
         SparseTrainer(model=model, args=args, train_dataset=dataset, **(trainer_kwargs or {})).train()

@@ -78,6 +78,12 @@ def main() -> None:
         "--ce_weight", type=float, default=0.0, help="add the labels' cross-entropy to the KL (KD + CE)"
     )
     ap.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="learning-rate schedule of the recovery steps (e.g. cosine)",
+    )
+    ap.add_argument("--warmup_steps", type=int, default=0)
+    ap.add_argument(
         "--layer_allocation", default="uniform", help="uniform or owl, for the unstructured pruning"
     )
     ap.add_argument("--batch", type=int, default=4)
@@ -132,13 +138,24 @@ def main() -> None:
         steps_tag += f" + hidden {args.hidden_weight:g}"
     if args.ce_weight:
         steps_tag += f" + CE {args.ce_weight:g}"
+    if args.lr_scheduler != "constant" or args.warmup_steps:
+        steps_tag += f" ({args.lr_scheduler}, warmup {args.warmup_steps})"
 
     def run(name, pruned, steps, kd: bool):
         if name in results:
             return
         kw = {"teacher_model": teacher, "distillation": distill} if kd else {}
         subset = data.select(range(min(len(data), steps * args.batch)))
-        seconds = train(pruned, subset, steps, args.batch, args.lr, trainer_kwargs=kw)
+        seconds = train(
+            pruned,
+            subset,
+            steps,
+            args.batch,
+            args.lr,
+            trainer_kwargs=kw,
+            lr_scheduler_type=args.lr_scheduler,
+            warmup_steps=args.warmup_steps,
+        )
         results[name] = {"perplexity": ppl(pruned), "train_seconds": seconds, "revived": _revived(pruned)}
         save()
         out(f"{name}: {results[name]}")
