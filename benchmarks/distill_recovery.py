@@ -3,17 +3,18 @@
     python benchmarks/distill_recovery.py [--parts unstructured,progressive] [--methods sparsegpt,wanda]
         [--steps 100] [--progressive_steps 50 | --progressive_split 50,100,150] [--ce]
 
-unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps`` full
-fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
+unstructured: 50% unstructured (32 x 512 calibration tokens) with each of ``--methods``, then ``--steps``
+full fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense teacher (KL, T=2); with
 ``--ce`` also the same steps with plain cross-entropy, for comparison; ``--ce_weight`` adds the labels'
-cross-entropy to the KL; ``--layer_allocation owl`` spreads the 50% over layers by OWL; ``--hidden_weight`` adds the
-per-block normalised hidden-state loss to the KL; ``--reconstruction_epochs`` adds
-block-wise reconstruction (calibration batches of 4) to every pruning. progressive: SparseGPT hybrid, row
-tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations (0.7/0.3/0 -> 0.5/0.4/0.1 ->
-0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or ``--progressive_split``'s
-count after each). Perplexity on held-out test-split
-windows of 256 tokens; every result carries the dense perplexity measured in the same run. Results are
-appended to the JSON (a rerun skips what is there).
+cross-entropy to the KL; ``--dense_ce`` / ``--dense_kd`` give the dense model the same cross-entropy /
+distillation steps (the equally trained reference); ``--layer_allocation owl`` spreads the 50% over layers
+by OWL; ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
+``--reconstruction_epochs`` adds block-wise reconstruction (calibration batches of 4) to every pruning.
+progressive: SparseGPT hybrid, row tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations
+(0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or
+``--progressive_split``'s count after each). Perplexity on held-out test-split windows of 256 tokens; every
+result carries the dense perplexity measured in the same run. Results are appended to the JSON (a rerun
+skips what is there).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def main() -> None:
         "--dense_ce",
         action="store_true",
         help="fine-tune the dense model with the same cross-entropy steps (how much is fitting the corpus)",
+    )
+    ap.add_argument(
+        "--dense_kd",
+        action="store_true",
+        help="train the dense model with the same distillation loss (its own copy as teacher)",
     )
     ap.add_argument(
         "--reconstruction_epochs", type=int, default=0, help="block-wise reconstruction in every pruning"
@@ -163,6 +169,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if args.dense_ce:
         run(f"dense + {args.steps} steps CE{steps_tag}", copy.deepcopy(model), args.steps, kd=False)
+    if args.dense_kd:
+        run(f"dense + {args.steps} steps KD{steps_tag}", copy.deepcopy(model), args.steps, kd=True)
     if "unstructured" in parts:
         for method in args.methods.split(","):
             pruned = copy.deepcopy(model)
