@@ -13,9 +13,9 @@ by OWL; ``--hidden_weight`` adds the per-block normalised hidden-state loss to t
 progressive: SparseGPT hybrid, row tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations
 (0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or
 ``--progressive_split``'s count after each). Perplexity on held-out test-split windows of 256 tokens; every
-result carries the dense perplexity measured in the same run. ``--temperature``, ``--lr``, ``--lr_scheduler``
-and ``--warmup_steps`` set the recovery steps and are part of a result's name when not the default. Results are appended to the JSON (a rerun
-skips what is there).
+result carries the dense perplexity measured in the same run. ``--temperature``, ``--lr``,
+``--lr_scheduler`` and ``--warmup_steps`` set the recovery steps and are part of a result's name when not
+the default. Results are appended to the JSON (a rerun skips what is there).
 """
 
 from __future__ import annotations
