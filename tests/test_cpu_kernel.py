@@ -110,6 +110,29 @@ def test_a_layer_holds_only_packed_bytes_and_derives_weight_mask_and_tier_map():
     assert torch.equal(layer.tier_map(), tiers)
 
 
+def test_nm_groups_in_any_order_are_exact_and_a_repeated_position_is_refused():
+    """Tensors from elsewhere may order a group's two positions either way; the kernels read them ascending
+    (the 6 pairs of distinct columns), so the layer reorders them, and refuses a group naming one column twice."""
+    from hf_hybrid_sparse.bits import pack_2bit, unpack_2bit
+    from hf_hybrid_sparse.errors import PackingError
+    from hf_hybrid_sparse.kernels.packing import PackedHybrid
+
+    w, mask, tiers = _weight(32, 64, torch.bfloat16, tiers=torch.full((2, 4), NM, dtype=torch.int8))
+    t = dict(pack(w, mask, tiers, 15).tensors)
+    idx = unpack_2bit(t["nm_idx"], 8).reshape(-1, 16, 4, 2).flip(-1)  # every group descending
+    t["nm_idx"] = pack_2bit(idx.reshape(-1, 16, 8)).contiguous()
+    t["nm_vals"] = t["nm_vals"].reshape(-1, 16, 4, 2).flip(-1).reshape(-1, 16, 8).contiguous()
+    layer = HybridSparseLinear(PackedHybrid(32, 64, 15, t))
+    with torch.no_grad():
+        for tokens in (1, 3, 16):
+            x = torch.randn(tokens, 64).to(torch.bfloat16)
+            _check(layer(x), w, x, None, torch.bfloat16)
+    idx[0, 0, 0, 1] = idx[0, 0, 0, 0]
+    t["nm_idx"] = pack_2bit(idx.reshape(-1, 16, 8)).contiguous()
+    with pytest.raises(PackingError, match="same position twice"):
+        HybridSparseLinear(PackedHybrid(32, 64, 15, t))
+
+
 def _linear(w, mask, tiers):
     from hf_hybrid_sparse.state import ParamSparsity, set_param_state
 

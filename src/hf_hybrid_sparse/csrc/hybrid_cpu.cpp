@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -35,6 +36,11 @@ namespace {
 constexpr int BS = 16;          // block side
 constexpr int NM_VALS = 8;      // kept values per NM block row (2 of every 4 of 16)
 constexpr int NM_IDX_BYTES = 2; // 8 two-bit positions per NM block row
+
+// The kept pair of a group of 4 is one of 6 (canonical packing: two distinct ascending positions); its
+// index from the group's 4 bits of positions (first position in bits 0-1, second in bits 2-3).
+constexpr int8_t NM_PAIR_OF_CODE[16] = {-1, -1, -1, -1, 0, -1, -1, -1, 1, 3, -1, -1, 2, 4, 5, -1};
+constexpr int NM_PAIR_COLS[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
 
 // -- element types ---------------------------------------------------------------------------------
 template <typename T> inline float to_f(T v);
@@ -229,16 +235,21 @@ template <> struct Vec<8> {
 using Res = float[BS][16];  // [row][token]
 
 // TOPK: xt [in][L] fp32; res[row][token] += ...
+// A block's entries come sorted by position, so neighbours often share a row: each adds into one of 4 copies
+// of the results in turn, which breaks the load-add-store chains through memory (measured 1.5x faster).
 template <typename T, int L>
 inline void topk_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
   const T* tv = static_cast<const T*>(p.topk_vals);
   const int64_t K = p.topk;
-  for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b) {
+  const int32_t b0 = p.topk_ptr[r], b1 = p.topk_ptr[r + 1];
+  if (b0 == b1 || K == 0) return;
+  alignas(64) float part[4][BS][L] = {};
+  for (int32_t b = b0; b < b1; ++b) {
     const float* xc = xt + int64_t(p.topk_cols[b]) * BS * L;
     const T* v = tv + int64_t(b) * K;
     const uint8_t* pos = p.topk_pos + int64_t(b) * K;
     for (int64_t e = 0; e < K; ++e) {
-      float* dst = res[pos[e] >> 4];
+      float* dst = part[e & 3][pos[e] >> 4];
       const float* src = xc + (pos[e] & 15) * L;
 #if HS_AVX512
       Vec<L>::store(dst, Vec<L>::fma(to_f(v[e]), Vec<L>::load(src), Vec<L>::load(dst)));
@@ -247,6 +258,8 @@ inline void topk_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
 #endif
     }
   }
+  for (int i = 0; i < BS; ++i)
+    for (int t = 0; t < L; ++t) res[i][t] += (part[0][i][t] + part[1][i][t]) + (part[2][i][t] + part[3][i][t]);
 }
 
 #if HS_AVX512
@@ -386,34 +399,48 @@ inline void nm_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
 #if HS_AVX512 && defined(__AVX512BF16__)
 #define HS_BF16DOT 1
 // DENSE bf16, tokens: xp [in/2][L][2] bf16 -- the inputs of columns (2k, 2k+1) of every token
+// (L tokens in the lanes of one register: 16 in a zmm, 8 in a ymm)
+template <int L> struct BfDot;
+template <> struct BfDot<16> {
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V dot(V acc, uint32_t w, const uint16_t* x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(int(w)), (__m512bh)_mm512_loadu_si512(x));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+template <> struct BfDot<8> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V dot(V acc, uint32_t w, const uint16_t* x) {
+    return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_set1_epi32(int(w)),
+                            (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+
 template <int L>
 inline void dense_tokens_bf16(const Packed& p, int64_t r, const uint16_t* xp, Res& res) {
-  using V = std::conditional_t<L == 16, __m512, __m256>;
+  using D = BfDot<L>;
   const uint32_t* dv = static_cast<const uint32_t*>(p.dense_vals);  // bf16 pairs
-  V acc[BS];
-  for (int i = 0; i < BS; ++i) {
-    if constexpr (L == 16) acc[i] = _mm512_setzero_ps();
-    else acc[i] = _mm256_setzero_ps();
-  }
+  // every loop over acc is unrolled: an indexed access anywhere makes GCC keep acc in memory and store
+  // each accumulator after every dot product (measured 1.8x slower)
+  typename D::V acc[BS];
+#pragma GCC unroll 16
+  for (int i = 0; i < BS; ++i) acc[i] = D::zero();
   for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
     const uint16_t* xc = xp + int64_t(p.dense_cols[b]) * 8 * L * 2;
     const uint32_t* w = dv + int64_t(b) * 128;  // [16 rows][8 pairs]
+#pragma GCC unroll 8
     for (int k = 0; k < 8; ++k) {
-      if constexpr (L == 16) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xc + k * 32);
 #pragma GCC unroll 16
-        for (int i = 0; i < BS; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(w[i * 8 + k])), xv);
-      } else {
-        const __m256bh xv = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + k * 16));
-#pragma GCC unroll 16
-        for (int i = 0; i < BS; ++i) acc[i] = _mm256_dpbf16_ps(acc[i], (__m256bh)_mm256_set1_epi32(int(w[i * 8 + k])), xv);
-      }
+      for (int i = 0; i < BS; ++i) acc[i] = D::dot(acc[i], w[i * 8 + k], xc + k * 2 * L);
     }
   }
   alignas(64) float lanes[16];
+#pragma GCC unroll 16
   for (int i = 0; i < BS; ++i) {
-    if constexpr (L == 16) _mm512_store_ps(lanes, acc[i]);
-    else _mm256_store_ps(lanes, acc[i]);
+    D::store(lanes, acc[i]);
     for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
   }
 }
@@ -428,7 +455,9 @@ inline void dense_rows_bf16(const Packed& p, int64_t r, int groups, const uint16
     const uint16_t* xg = xd + int64_t(g) * TG * xstride;
     for (int q0 = 0; q0 < BS / 2; q0 += PD) {
       __m512 acc[PD][TG];
+#pragma GCC unroll 8
       for (int q = 0; q < PD; ++q)
+#pragma GCC unroll 8
         for (int t = 0; t < TG; ++t) acc[q][t] = _mm512_setzero_ps();
       for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
         const uint16_t* xc = xg + int64_t(p.dense_cols[b]) * 32;
@@ -443,7 +472,9 @@ inline void dense_rows_bf16(const Packed& p, int64_t r, int groups, const uint16
           for (int t = 0; t < TG; ++t) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], wv, (__m512bh)xv[t]);
         }
       }
+#pragma GCC unroll 8
       for (int q = 0; q < PD; ++q)
+#pragma GCC unroll 8
         for (int t = 0; t < TG; ++t) {
           res[2 * (q0 + q)][g * TG + t] += hsum256(_mm512_castps512_ps256(acc[q][t]));
           res[2 * (q0 + q) + 1][g * TG + t] += hsum256(_mm512_extractf32x8_ps(acc[q][t], 1));
@@ -467,10 +498,15 @@ inline __m512i nm_quad_index(const uint8_t* id) {
   return _mm512_or_si512(c0, _mm512_slli_epi32(c1, 16));
 }
 
+// a quad's permute as a vector element (std::vector drops the alignment attribute of a bare __m512i)
+struct alignas(64) QuadIndex {
+  __m512i v;
+};
+
 // NM bf16, rows: quad u = rows 4u..4u+3; qidx: the quads' permutes, precomputed once per block-row
 template <int TG>
 inline void nm_rows_bf16(const Packed& p, int64_t r, int groups, const uint16_t* xd, int64_t xstride,
-                         const __m512i* qidx, Res& res) {
+                         const QuadIndex* qidx, Res& res) {
   constexpr int PQ = TG <= 4 ? 4 : 2;
   const uint16_t* nv = static_cast<const uint16_t*>(p.nm_vals);
   const int32_t nb0 = p.nm_ptr[r];
@@ -478,7 +514,9 @@ inline void nm_rows_bf16(const Packed& p, int64_t r, int groups, const uint16_t*
     const uint16_t* xg = xd + int64_t(g) * TG * xstride;
     for (int u0 = 0; u0 < BS / 4; u0 += PQ) {
       __m512 acc[PQ][TG];
+#pragma GCC unroll 8
       for (int u = 0; u < PQ; ++u)
+#pragma GCC unroll 8
         for (int t = 0; t < TG; ++t) acc[u][t] = _mm512_setzero_ps();
       for (int32_t b = nb0; b < p.nm_ptr[r + 1]; ++b) {
         const uint16_t* xc = xg + int64_t(p.nm_cols[b]) * 32;
@@ -488,7 +526,7 @@ inline void nm_rows_bf16(const Packed& p, int64_t r, int groups, const uint16_t*
         for (int t = 0; t < TG; ++t) xv[t] = _mm512_loadu_si512(xc + t * xstride);
 #pragma GCC unroll 4
         for (int u = 0; u < PQ; ++u) {
-          const __m512i idx = qidx[size_t(b - nb0) * 4 + u0 + u];
+          const __m512i idx = qidx[size_t(b - nb0) * 4 + u0 + u].v;
           const __m512bh vv = (__m512bh)_mm512_loadu_si512(v + u * 32);
 #pragma GCC unroll 4
           for (int t = 0; t < TG; ++t)
@@ -496,13 +534,57 @@ inline void nm_rows_bf16(const Packed& p, int64_t r, int groups, const uint16_t*
         }
       }
       alignas(64) float lanes[16];
+#pragma GCC unroll 8
       for (int u = 0; u < PQ; ++u)
+#pragma GCC unroll 8
         for (int t = 0; t < TG; ++t) {
           _mm512_store_ps(lanes, acc[u][t]);
           for (int k = 0; k < 4; ++k)
             res[4 * (u0 + u) + k][g * TG + t] += (lanes[4 * k] + lanes[4 * k + 1]) + (lanes[4 * k + 2] + lanes[4 * k + 3]);
         }
     }
+  }
+}
+// NM bf16, tokens: x6 [in/4][6][L][2] bf16 -- for each group of 4 columns the inputs of its 6 possible kept
+// pairs, so that a row's two kept weights of a group (one bf16 pair) meet their inputs in one dot product,
+// without a permute
+template <int L>
+inline void nm_tokens_bf16(const Packed& p, int64_t r, const uint16_t* x6, Res& res) {
+  using D = BfDot<L>;
+  const uint32_t* nv = static_cast<const uint32_t*>(p.nm_vals);  // [16 rows][4 groups] bf16 pairs
+  typename D::V acc[BS];
+#pragma GCC unroll 16
+  for (int i = 0; i < BS; ++i) acc[i] = D::zero();
+  // code -> pair index * 8 (the scaled-index addressing multiplies by 8 again: 64 B per pair at L = 16)
+  static_assert(L * 2 * 2 % 8 == 0);
+  alignas(16) int8_t lut[16];
+  for (int c = 0; c < 16; ++c) lut[c] = int8_t(std::max<int>(0, NM_PAIR_OF_CODE[c]) * (L * 2 * 2 / 8));
+  const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut)));
+  alignas(64) uint8_t off[64];  // [row][group]
+  for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
+    const uint16_t* xc = x6 + int64_t(p.nm_cols[b]) * 4 * 6 * L * 2;
+    const uint32_t* v = nv + int64_t(b) * 64;
+    // the 64 groups' 4-bit codes, one per byte in [row][group] order (byte k of idx holds groups 2k, 2k+1)
+    const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.nm_idx + int64_t(b) * 32)));
+    const __m512i codes = _mm512_or_si512(_mm512_and_si512(z, _mm512_set1_epi16(0x000F)),
+                                          _mm512_and_si512(_mm512_slli_epi16(z, 4), _mm512_set1_epi16(0x0F00)));
+    _mm512_store_si512(off, _mm512_shuffle_epi8(table, codes));
+    // read the offsets back through memory (load ports): GCC otherwise extracts each byte from the
+    // register with vpextrb, two uops on the vector pipes the dot products need
+    asm volatile("" ::: "memory");
+    const char* xb = reinterpret_cast<const char*>(xc);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 16
+      for (int i = 0; i < BS; ++i)
+        acc[i] = D::dot(acc[i], v[i * 4 + g], reinterpret_cast<const uint16_t*>(xb + g * 6 * L * 2 * 2 + int64_t(off[i * 4 + g]) * 8));
+    }
+  }
+  alignas(64) float lanes[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < BS; ++i) {
+    D::store(lanes, acc[i]);
+    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
   }
 }
 #else
@@ -517,6 +599,7 @@ struct Tokens {
   const float* xt;  // [in][L] fp32, zero padded (tokens methods, TOPK)
   const uint16_t* xd = nullptr;  // bf16 [groups*TG][in/16][32] (bf16 rows)
   const uint16_t* xp = nullptr;  // bf16 [in/2][L][2] (bf16 tokens)
+  const uint16_t* x6 = nullptr;  // bf16 [in/4][6][L][2] (bf16 NM tokens)
   int tg;           // tokens per group of the rows methods
   int groups;
 };
@@ -526,7 +609,7 @@ void decode_multi(const Packed& p, const Tokens& k, float* y) {
   const int64_t in = p.in, out = p.out;
   parallel_rows(p, sizeof(T), [&](int64_t r0, int64_t r1) {
 #if HS_BF16DOT
-    std::vector<__m512i> qidx;
+    std::vector<QuadIndex> qidx;
 #endif
     for (int64_t r = r0; r < r1; ++r) {
       alignas(64) Res res = {};
@@ -544,13 +627,19 @@ void decode_multi(const Packed& p, const Tokens& k, float* y) {
         } else {
           dense_tokens_bf16<16>(p, r, k.xp, res);
         }
-        const int32_t nb0 = p.nm_ptr[r], nb1 = p.nm_ptr[r + 1];
-        qidx.resize(size_t(nb1 - nb0) * 4);
-        for (int32_t b = nb0; b < nb1; ++b)
-          for (int u = 0; u < 4; ++u) qidx[size_t(b - nb0) * 4 + u] = nm_quad_index(p.nm_idx + int64_t(b) * 32 + u * 8);
-        if (k.tg == 1) nm_rows_bf16<1>(p, r, k.groups, k.xd, xs, qidx.data(), res);
-        else if (k.tg == 2) nm_rows_bf16<2>(p, r, k.groups, k.xd, xs, qidx.data(), res);
-        else nm_rows_bf16<4>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+        if (k.n > 4) {
+          if (k.lanes == 8) nm_tokens_bf16<8>(p, r, k.x6, res);
+          else nm_tokens_bf16<16>(p, r, k.x6, res);
+        } else {
+          const int32_t nb0 = p.nm_ptr[r], nb1 = p.nm_ptr[r + 1];
+          qidx.resize(size_t(nb1 - nb0) * 4);
+          for (int32_t b = nb0; b < nb1; ++b)
+            for (int u = 0; u < 4; ++u)
+              qidx[size_t(b - nb0) * 4 + u].v = nm_quad_index(p.nm_idx + int64_t(b) * 32 + u * 8);
+          if (k.tg == 1) nm_rows_bf16<1>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+          else if (k.tg == 2) nm_rows_bf16<2>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+          else nm_rows_bf16<4>(p, r, k.groups, k.xd, xs, qidx.data(), res);
+        }
         done = true;
       }
 #endif
@@ -664,6 +753,33 @@ void unpack_rows(const Packed& p, int64_t r0, int64_t r1, T* dst) {
   });
 }
 
+// A growable buffer aligned to the cache line, reused across calls: the decode methods' 64-byte loads of x
+// never straddle two lines (measured: from a 16-byte aligned std::vector, the bf16 NM path ran 1.5x slower)
+template <typename E>
+class LineBuffer {
+ public:
+  LineBuffer() = default;
+  LineBuffer(const LineBuffer&) = delete;
+  LineBuffer& operator=(const LineBuffer&) = delete;
+  ~LineBuffer() { std::free(data_); }
+  // room for n elements; zeroed when asked (otherwise the previous call's values)
+  E* get(int64_t n, bool zero = false) {
+    const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(E) + 63) / 64 * 64;
+    if (bytes > cap_) {
+      std::free(data_);
+      data_ = static_cast<E*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(data_ != nullptr, "hybrid_linear: out of memory for a ", bytes, "-byte input buffer");
+      cap_ = bytes;
+    }
+    if (zero) std::memset(data_, 0, size_t(n) * sizeof(E));
+    return data_;
+  }
+
+ private:
+  E* data_ = nullptr;
+  size_t cap_ = 0;
+};
+
 // A scratch buffer reused across calls and layers (no page faults per call); it is not held by any layer.
 at::Tensor& scratch(int64_t numel, const at::TensorOptions& opts) {
   static thread_local at::Tensor buf;
@@ -755,13 +871,13 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   if (n <= 16) {
     // the inputs in the layouts the decode methods read, filled in one pass (no per-call tensor ops)
-    static thread_local std::vector<float> xf, xt, yf;
-    static thread_local std::vector<uint16_t> xd, xp;
+    static thread_local LineBuffer<float> xf, xt, yf;
+    static thread_local LineBuffer<uint16_t> xd, xp, x6;
+    float* yb = yf.get(n * out);
     if (n == 1) {
-      xf.resize(in);
-      yf.resize(out);
-      for (int64_t j = 0; j < in; ++j) xf[j] = to_f(xs[j]);
-      decode_one<T>(p, xf.data(), yf.data());
+      float* xb = xf.get(in);
+      for (int64_t j = 0; j < in; ++j) xb[j] = to_f(xs[j]);
+      decode_one<T>(p, xb, yb);
     } else {
       Tokens k;
       k.n = int(n);
@@ -770,34 +886,50 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
       k.tg = bf16 ? (n <= 2 ? 2 : 4) : (n <= 2 ? 2 : n <= 4 ? 4 : 8);
       k.groups = int((n + k.tg - 1) / k.tg);
       const int64_t padded = int64_t(k.groups) * k.tg, L = k.lanes;
-      xf.assign(padded * in, 0.f);
-      xt.assign(in * L, 0.f);
+      // only the layouts this call's methods read: xt (TOPK) always; xf (fp32 rows); bf16: xd (rows,
+      // up to 4 tokens) or xp and x6 (tokens, more). Padding tokens read zeros.
+      float* xtb = xt.get(in * L, n < L);
+      float* xfb = bf16 ? nullptr : xf.get(padded * in, padded > n);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = 0; j < in; ++j) {
           const float v = to_f(xs[t * in + j]);
-          xf[t * in + j] = v;
-          xt[j * L + t] = v;
+          if (!bf16) xfb[t * in + j] = v;
+          xtb[j * L + t] = v;
         }
-      k.x = xf.data();
-      k.xt = xt.data();
+      k.x = xfb;
+      k.xt = xtb;
       if (bf16) {
-        xd.assign(padded * in * 2, 0);  // [padded][in/16][32]: each block column's 16 inputs twice
-        xp.assign(in * L, 0);           // [in/2][L][2]: the inputs of columns 2k, 2k+1 per token
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t j = 0; j < in; ++j) {
-            const uint16_t b = reinterpret_cast<const uint16_t*>(xs)[t * in + j];
-            const int64_t c = j / BS, i = j % BS;
-            xd[(t * (in / BS) + c) * 32 + i] = b;
-            xd[(t * (in / BS) + c) * 32 + BS + i] = b;
-            xp[((j / 2) * L + t) * 2 + (j & 1)] = b;
+        const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs);
+        if (n <= 4) {
+          uint16_t* xdb = xd.get(padded * in * 2, padded > n);  // [padded][in/16][32]: each block column's inputs twice
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t j = 0; j < in; ++j) {
+              const int64_t c = j / BS, i = j % BS;
+              xdb[(t * (in / BS) + c) * 32 + i] = xdb[(t * (in / BS) + c) * 32 + BS + i] = xb[t * in + j];
+            }
+          k.xd = xdb;
+        } else {
+          // xp [in/2][L] pairs: the inputs of columns 2k, 2k+1 per token (adjacent in x: one 32-bit copy);
+          // x6 [in/4][6][L] pairs: the 6 column pairs of each group of 4
+          uint32_t* xpb = reinterpret_cast<uint32_t*>(xp.get(in * L, n < L));
+          uint32_t* x6b = reinterpret_cast<uint32_t*>(x6.get(in / 4 * 6 * L * 2, n < L));
+          for (int64_t t = 0; t < n; ++t) {
+            const uint16_t* xr = xb + t * in;
+            for (int64_t g = 0; g < in / 4; ++g) {
+              uint32_t pair[4];
+              for (int c = 0; c < 4; ++c) pair[c] = xr[4 * g + c];
+              xpb[(2 * g) * L + t] = pair[0] | (pair[1] << 16);
+              xpb[(2 * g + 1) * L + t] = pair[2] | (pair[3] << 16);
+              for (int q = 0; q < 6; ++q) x6b[(g * 6 + q) * L + t] = pair[NM_PAIR_COLS[q][0]] | (pair[NM_PAIR_COLS[q][1]] << 16);
+            }
           }
-        k.xd = xd.data();
-        k.xp = xp.data();
+          k.xp = reinterpret_cast<const uint16_t*>(xpb);
+          k.x6 = reinterpret_cast<const uint16_t*>(x6b);
+        }
       }
-      yf.resize(n * out);
-      decode_multi<T>(p, k, yf.data());
+      decode_multi<T>(p, k, yb);
     }
-    finish<T>(yf.data(), n, out, bs, ys);
+    finish<T>(yb, n, out, bs, ys);
     return y;
   }
   // prefill: panels of block-rows unpacked into a reused buffer, each feeding the BLAS GEMM that writes its

@@ -123,11 +123,20 @@ def pack(
 
 
 def canonical_nm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The NM tensors with each group's two positions ascending (values moved along); others unchanged."""
+    """The NM tensors with each group's two positions ascending (values moved along); others unchanged.
+
+    Raises :class:`PackingError` for a group that names one position twice: the kernels read a group's kept
+    pair as one of the 6 pairs of distinct columns.
+    """
     idx = unpack_2bit(tensors["nm_idx"], BLOCK // 4 * 2).long()  # [nN, 16, 8]
     pairs = idx.reshape(*idx.shape[:-1], -1, 2)
     if bool((pairs[..., 0] < pairs[..., 1]).all()):
         return tensors
+    if bool((pairs[..., 0] == pairs[..., 1]).any()):
+        raise PackingError(
+            "an NM group of the packed tensors holds the same position twice; pack the weight again with "
+            "hf_hybrid_sparse.kernels.packing.pack (each group keeps two distinct positions)."
+        )
     order = torch.sort(pairs, dim=-1).indices
     vals = tensors["nm_vals"].reshape(pairs.shape)
     out = dict(tensors)
