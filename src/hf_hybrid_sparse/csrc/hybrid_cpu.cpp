@@ -794,7 +794,8 @@ void unpack_rows(const Packed& p, int64_t r0, int64_t r1, T* dst) {
 }
 
 // A growable buffer aligned to the cache line, reused across calls: the decode methods' 64-byte loads of x
-// never straddle two lines (measured: from a 16-byte aligned std::vector, the bf16 NM path ran 1.5x slower)
+// never straddle two lines (from a 16-byte aligned std::vector they all did; in a microbenchmark of the bf16
+// NM tokens loop that cost 1.5x)
 template <typename E>
 class LineBuffer {
  public:
