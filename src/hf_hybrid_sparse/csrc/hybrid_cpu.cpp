@@ -954,16 +954,15 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
           // x6 [in/4][6][L] pairs: the 6 column pairs of each group of 4
           uint32_t* xpb = reinterpret_cast<uint32_t*>(xp.get(in * L, n < L));
           uint32_t* x6b = reinterpret_cast<uint32_t*>(x6.get(in / 4 * 6 * L * 2, n < L));
-          for (int64_t t = 0; t < n; ++t) {
-            const uint16_t* xr = xb + t * in;
-            for (int64_t g = 0; g < in / 4; ++g) {
+          // groups outer, tokens inner: the stores run along memory
+          for (int64_t g = 0; g < in / 4; ++g)
+            for (int64_t t = 0; t < n; ++t) {
               uint32_t pair[4];
-              for (int c = 0; c < 4; ++c) pair[c] = xr[4 * g + c];
+              for (int c = 0; c < 4; ++c) pair[c] = xb[t * in + 4 * g + c];
               xpb[(2 * g) * L + t] = pair[0] | (pair[1] << 16);
               xpb[(2 * g + 1) * L + t] = pair[2] | (pair[3] << 16);
               for (int q = 0; q < 6; ++q) x6b[(g * 6 + q) * L + t] = pair[NM_PAIR_COLS[q][0]] | (pair[NM_PAIR_COLS[q][1]] << 16);
             }
-          }
           k.xp = reinterpret_cast<const uint16_t*>(xpb);
           k.x6 = reinterpret_cast<const uint16_t*>(x6b);
         }
