@@ -931,12 +931,11 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
       // up to 4 tokens) or xp and x6 (tokens, more). Padding tokens read zeros.
       float* xtb = xt.get(in * L, n < L);
       float* xfb = bf16 ? nullptr : xf.get(padded * in, padded > n);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < in; ++j) {
-          const float v = to_f(xs[t * in + j]);
-          if (!bf16) xfb[t * in + j] = v;
-          xtb[j * L + t] = v;
-        }
+      if (!bf16)
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t j = 0; j < in; ++j) xfb[t * in + j] = to_f(xs[t * in + j]);
+      for (int64_t j = 0; j < in; ++j)  // inputs outer, tokens inner: the stores run along memory
+        for (int64_t t = 0; t < n; ++t) xtb[j * L + t] = to_f(xs[t * in + j]);
       k.x = xfb;
       k.xt = xtb;
       if (bf16) {
