@@ -4,12 +4,16 @@
 //   * 1 token: "row-vectorised" -- the 16 inputs of a block column sit in one register; DENSE blocks
 //     accumulate each of their 16 rows, NM blocks gather their kept inputs with a permute driven by the
 //     2-bit positions (two rows per register), TOPK blocks add their K products by position.
-//   * 2..16 tokens: "token-vectorised" -- the tokens sit in the lanes (x transposed once per call), every
-//     kept weight is broadcast and multiplied with the tokens of its input column.
+//   * 2..16 tokens: per tier the method measured fastest (see decode_multi): "rows" as for one token with
+//     several tokens per pass, or "tokens" -- the tokens sit in the lanes (x laid out once per call), every
+//     kept weight is broadcast and multiplied with the tokens of its input column. bf16 NM at 5..16 tokens
+//     reads x laid out for the 6 possible kept pairs of each group of 4 (no permute).
 //   * more tokens (prefill): panels of block-rows (at least 1024 rows, see PanelSize) are unpacked into a
 //     reused buffer that feeds the BLAS GEMM (at::mm); no layer keeps a dense copy.
-// Each packed byte is read once; accumulation is in fp32 for every dtype (fp32, bf16, fp16 weights and
-// activations of the same dtype). Decode work is split over threads by bytes, not by block-rows.
+// Each packed byte is read once (prefetched a few blocks ahead); accumulation is in fp32 for every dtype
+// (fp32, bf16, fp16 weights and activations of the same dtype). Decode work is split over threads by bytes,
+// not by block-rows. Loops over an array of accumulator registers are unrolled everywhere: GCC otherwise
+// keeps the array addressable and stores every accumulator after each product.
 // Compiled with -march=native: AVX-512 where the CPU has it, portable loops otherwise.
 
 #include <ATen/Parallel.h>
