@@ -41,10 +41,20 @@ constexpr int BS = 16;          // block side
 constexpr int NM_VALS = 8;      // kept values per NM block row (2 of every 4 of 16)
 constexpr int NM_IDX_BYTES = 2; // 8 two-bit positions per NM block row
 
-// The kept pair of a group of 4 is one of 6 (canonical packing: two distinct ascending positions); its
-// index from the group's 4 bits of positions (first position in bits 0-1, second in bits 2-3).
-constexpr int8_t NM_PAIR_OF_CODE[16] = {-1, -1, -1, -1, 0, -1, -1, -1, 1, 3, -1, -1, 2, 4, 5, -1};
+// The kept pair of a group of 4 is one of 6 (canonical packing: two distinct ascending positions).
 constexpr int NM_PAIR_COLS[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+// Its index from the group's 4 bits of positions (first position in bits 0-1, second in bits 2-3); -1 for
+// codes that are no such pair.
+struct PairOfCode {
+  int8_t of[16];
+};
+constexpr PairOfCode nm_pair_of_code() {
+  PairOfCode t{};
+  for (int c = 0; c < 16; ++c) t.of[c] = -1;
+  for (int q = 0; q < 6; ++q) t.of[NM_PAIR_COLS[q][0] | (NM_PAIR_COLS[q][1] << 2)] = int8_t(q);
+  return t;
+}
+constexpr PairOfCode NM_PAIR_OF_CODE = nm_pair_of_code();
 
 // Software prefetch of the packed bytes PREFETCH_BLOCKS blocks ahead: with the cores busy on the products, the
 // hardware prefetcher alone left memory and compute mostly serial (measured 1.1-1.25x on 4096x4096 bf16 layers
@@ -253,6 +263,20 @@ template <> struct Vec<8> {
 
 using Res = float[BS][16];  // [row][token]
 
+#if HS_AVX512
+// res[row][token] += the L token lanes of each row's accumulator (W: Vec<L>, or BfDot<L> for bf16); the loop
+// is unrolled, as every loop over an accumulator array must be (see the file comment)
+template <typename W, int L>
+inline void add_token_lanes(const typename W::V (&acc)[BS], Res& res) {
+  alignas(64) float lanes[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < BS; ++i) {
+    W::store(lanes, acc[i]);
+    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
+  }
+}
+#endif
+
 // TOPK: xt [in][L] fp32; res[row][token] += ...
 // A block's entries come sorted by position, so neighbours often share a row: each adds into one of 4 copies
 // of the results in turn, which breaks the load-add-store chains through memory (measured 1.5x faster).
@@ -340,12 +364,7 @@ inline void dense_tokens(const Packed& p, int64_t r, const float* xt, Res& res) 
       for (int i = 0; i < BS; ++i) acc[i] = W::fma(wf[i * BS + j], xv, acc[i]);
     }
   }
-  alignas(64) float lanes[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < BS; ++i) {
-    W::store(lanes, acc[i]);
-    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
-  }
+  add_token_lanes<W, L>(acc, res);
 }
 
 // NM, rows: pair q holds rows 2q (lanes 0-7) and 2q+1 (lanes 8-15); x [groups*TG][in] fp32
@@ -426,19 +445,13 @@ inline void nm_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
         acc[i] = W::fma(vf[i * NM_VALS + k], W::load(xc + ((k >> 1) * 4 + int((u >> (2 * k)) & 3)) * L), acc[i]);
     }
   }
-  alignas(64) float lanes[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < BS; ++i) {
-    W::store(lanes, acc[i]);
-    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
-  }
+  add_token_lanes<W, L>(acc, res);
 }
 #endif
 
 #if HS_AVX512 && defined(__AVX512BF16__)
 #define HS_BF16DOT 1
-// DENSE bf16, tokens: xp [in/2][L][2] bf16 -- the inputs of columns (2k, 2k+1) of every token
-// (L tokens in the lanes of one register: 16 in a zmm, 8 in a ymm)
+// bf16 pair dot products with L tokens in the lanes of one register (16 in a zmm, 8 in a ymm)
 template <int L> struct BfDot;
 template <> struct BfDot<16> {
   using V = __m512;
@@ -458,6 +471,7 @@ template <> struct BfDot<8> {
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
 
+// DENSE bf16, tokens: xp [in/2][L][2] bf16 -- the inputs of columns (2k, 2k+1) of every token
 template <int L>
 inline void dense_tokens_bf16(const Packed& p, int64_t r, const uint16_t* xp, Res& res) {
   using D = BfDot<L>;
@@ -477,12 +491,7 @@ inline void dense_tokens_bf16(const Packed& p, int64_t r, const uint16_t* xp, Re
       for (int i = 0; i < BS; ++i) acc[i] = D::dot(acc[i], w[i * 8 + k], xc + k * 2 * L);
     }
   }
-  alignas(64) float lanes[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < BS; ++i) {
-    D::store(lanes, acc[i]);
-    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
-  }
+  add_token_lanes<D, L>(acc, res);
 }
 
 // DENSE bf16, rows: xd [groups*TG][in/16][32] bf16 -- each block column's 16 inputs twice, so that one
@@ -600,7 +609,7 @@ inline void nm_tokens_bf16(const Packed& p, int64_t r, const uint16_t* x6, Res& 
   // code -> pair index * 8 (the scaled-index addressing multiplies by 8 again: 64 B per pair at L = 16)
   static_assert(L * 2 * 2 % 8 == 0);
   alignas(16) int8_t lut[16];
-  for (int c = 0; c < 16; ++c) lut[c] = int8_t(std::max<int>(0, NM_PAIR_OF_CODE[c]) * (L * 2 * 2 / 8));
+  for (int c = 0; c < 16; ++c) lut[c] = int8_t(std::max<int>(0, NM_PAIR_OF_CODE.of[c]) * (L * 2 * 2 / 8));
   const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lut)));
   alignas(64) uint8_t off[64];  // [row][group]
   for (int32_t b = p.nm_ptr[r]; b < p.nm_ptr[r + 1]; ++b) {
@@ -624,12 +633,7 @@ inline void nm_tokens_bf16(const Packed& p, int64_t r, const uint16_t* x6, Res& 
         acc[i] = D::dot(acc[i], v[i * 4 + g], reinterpret_cast<const uint16_t*>(xb + g * 6 * L * 2 * 2 + int64_t(off[i * 4 + g]) * 8));
     }
   }
-  alignas(64) float lanes[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < BS; ++i) {
-    D::store(lanes, acc[i]);
-    for (int t = 0; t < L; ++t) res[i][t] += lanes[t];
-  }
+  add_token_lanes<D, L>(acc, res);
 }
 #else
 #define HS_BF16DOT 0
@@ -915,7 +919,7 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   if (n == 0) return y;
   T* ys = reinterpret_cast<T*>(y.data_ptr());
   if (n <= 16) {
-    // the inputs in the layouts the decode methods read, filled in one pass (no per-call tensor ops)
+    // the inputs in the layouts the decode methods read, in reused buffers (no per-call tensor ops)
     static thread_local LineBuffer<float> xf, xt, yf;
     static thread_local LineBuffer<uint16_t> xd, xp, x6;
     float* yb = yf.get(n * out);
