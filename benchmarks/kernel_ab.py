@@ -6,8 +6,8 @@
 Run-to-run noise on a shared 2-core machine is larger than most kernel changes, and two builds of the op
 cannot share its namespace: this builds `csrc/hybrid_cpu.cpp` as it was at `--rev` under the namespace
 `hs_ab`, then times that kernel, this checkout's kernel and dense `F.linear` interleaved call by call on
-the same packed weights (enough copies to exceed the L3 cache several times), and prints medians with the
-interquartile range. Both kernels must agree with the dense product (checked first, every case).
+the same packed weights, each call on the next of enough copies to exceed the L3 cache several times (so
+no candidate finds another's weights cached), and prints medians with the interquartile range. Both kernels must agree with the dense product (checked first, every case).
 Tiers: the (0.35, 0.45, 0.20) hybrid of `cpu_kernels.py` (`mixed`), or a whole layer in one tier
 (`dense`, `nm`, `topk`) to see one method alone.
 """
@@ -93,13 +93,23 @@ def compare(shapes, tokens, dtypes, tiers: str, rounds: int) -> list[dict]:
                 ref = torch.nn.functional.linear(x.float(), weights[0][0].float())
                 _check(calls["rev"](weights[0][1], None), ref, dtype, "rev")
                 _check(calls["this"](weights[0][1], None), ref, dtype, "this")
+                # every call takes the next weight copy: two candidates on one copy back to back would let
+                # the second find the first's weights in the cache (an A/A run of identical kernels read
+                # 1.2-3.9x "faster" for the second on small layers that way)
                 times: dict[str, list[float]] = {k: [] for k in calls}
-                for _ in range(rounds):
-                    for w, t in weights:
-                        for name, call in calls.items():
+                k = 0
+                names = list(calls)
+                for r in range(rounds + 1):
+                    order = names if r % 2 else names[::-1]  # alternate who goes first
+                    for _ in weights:
+                        for name in order:
+                            call = calls[name]
+                            w, t = weights[k % len(weights)]
+                            k += 1
                             t0 = time.perf_counter()
                             call(t, w)
-                            times[name].append(time.perf_counter() - t0)
+                            if r:  # the first round warms up
+                                times[name].append(time.perf_counter() - t0)
                 stat = {}
                 for name, v in times.items():
                     q = statistics.quantiles(v, n=4)
