@@ -10,7 +10,7 @@
 //     reads x laid out for the 6 possible kept pairs of each group of 4 (no permute).
 //   * more tokens (prefill): panels of block-rows (at least 1024 rows, see PanelSize) are unpacked into a
 //     reused buffer that feeds the BLAS GEMM (at::mm); no layer keeps a dense copy.
-// Each packed byte is read once (prefetched a few blocks ahead); accumulation is in fp32 for every dtype
+// Each packed byte is read once (prefetched a few blocks ahead for 2..16 tokens); accumulation is in fp32 for every dtype
 // (fp32, bf16, fp16 weights and activations of the same dtype). Decode work is split over threads by bytes,
 // not by block-rows. Loops over an array of accumulator registers are unrolled everywhere: GCC otherwise
 // keeps the array addressable and stores every accumulator after each product.
@@ -58,7 +58,8 @@ constexpr PairOfCode NM_PAIR_OF_CODE = nm_pair_of_code();
 
 // Software prefetch of the packed bytes PREFETCH_BLOCKS blocks ahead: with the cores busy on the products, the
 // hardware prefetcher alone left memory and compute mostly serial (measured 1.1-1.25x on 4096x4096 bf16 layers
-// at 8-16 tokens). Prefetching past the end of an array is harmless.
+// at 8-16 tokens). The 1-token path has none: it measured no gain on large layers and a loss on small ones
+// (benchmarks/kernel_ab.py). Prefetching past the end of an array is harmless.
 constexpr int PREFETCH_BLOCKS = 4;
 template <int BYTES>
 inline void prefetch(const void* p) {
@@ -161,7 +162,6 @@ void decode_one(const Packed& p, const float* x, float* y) {
         for (int32_t b = p.dense_ptr[r]; b < p.dense_ptr[r + 1]; ++b) {
           const __m512 xv = _mm512_loadu_ps(x + int64_t(p.dense_cols[b]) * BS);
           const T* w = dv + int64_t(b) * 256;
-          if constexpr (sizeof(T) == 2) prefetch<512>(w + PREFETCH_BLOCKS * 256);  // fp32: measured no gain
 #pragma GCC unroll 16
           for (int i = 0; i < BS; ++i) acc[i] = _mm512_fmadd_ps(load16(w + i * BS), xv, acc[i]);
         }
@@ -177,10 +177,6 @@ void decode_one(const Packed& p, const float* x, float* y) {
           const __m512 xv = _mm512_loadu_ps(x + int64_t(p.nm_cols[b]) * BS);
           const T* v = nv + int64_t(b) * (BS * NM_VALS);
           const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
-          if constexpr (sizeof(T) == 2) {
-            prefetch<256>(v + PREFETCH_BLOCKS * 128);
-            prefetch<32>(id + PREFETCH_BLOCKS * 32);
-          }
 #pragma GCC unroll 8
           for (int q = 0; q < BS / 2; ++q) {
             uint32_t u;
