@@ -70,7 +70,9 @@ def _weight(out_f: int, in_f: int, dtype: torch.dtype, tiers: str, seed: int):
 
 
 def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, who: str) -> None:
-    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    # a guard against wrong results (off by O(1)), not a precision test: fp32 sums over 11008 inputs in
+    # another order differ by ~2e-6 of the output scale, so the bound is 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     err = (y.float() - ref).abs().max().item()
     assert err <= tol * max(1.0, ref.abs().max().item()), f"{who}: max error {err}"
 
@@ -84,7 +86,7 @@ def compare(shapes, tokens, dtypes, tiers: str, rounds: int) -> list[dict]:
                 _weight(out_f, in_f, dtype, tiers, s) for s in range(max(3, int(4 * L3_BYTES / nbytes) + 1))
             ]
             for n in tokens:
-                x = torch.randn(n, in_f).to(dtype)
+                x = torch.randn(n, in_f, generator=torch.Generator().manual_seed(n)).to(dtype)
                 calls = {
                     "rev": lambda t, w: torch.ops.hs_ab.hybrid_linear(x, t, None, out_f, 15),
                     "this": lambda t, w: cpu.linear(x, t, None, out_f, 15),
