@@ -18,6 +18,7 @@ LEVELS = {
     "errors": 0,
     "version": 0,
     "bits": 0,
+    "hostops": 0,
     "devices": 0,
     "logs": 0,
     "system": 0,

@@ -321,9 +321,12 @@ def _bytes(path, keys):
         )
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_compressed_layout_is_small_and_bit_exact(tmp_path, family):
-    model = tiny_model(family).to(torch.float16)
+@pytest.mark.parametrize(
+    "family,dtype",
+    [("llama", torch.float16), ("gpt2", torch.float16), ("opt", torch.float16), ("llama", torch.bfloat16)],
+)
+def test_compressed_layout_is_small_and_bit_exact(tmp_path, family, dtype):
+    model = tiny_model(family).to(dtype)
     apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude", pattern="hybrid"))
     save_pretrained(model, tmp_path / "c", compressed=True)
     doc = _doc(tmp_path / "c" / "model.safetensors")
@@ -334,7 +337,7 @@ def test_compressed_layout_is_small_and_bit_exact(tmp_path, family):
     with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as fh:
         for key, entry in doc["modules"].items():  # no dense copy of a pruned weight: its kept values only
             assert entry["values"] == key and fh.get_slice(key).get_shape() == [entry["kept"]]
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=dtype)
     _assert_same_state(model, loaded)
 
 
@@ -360,13 +363,13 @@ def test_compressed_values_count_is_checked(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_nonzero_bits_by_hand(dtype):
-    from hf_hybrid_sparse.checkpoint.reader import _nonzero_bits
+    from hf_hybrid_sparse.hostops import nonzero_bits
 
     # -0.0 is a pruned zero; NaN and the smallest subnormal are values a mask must keep
     w = torch.tensor([[0.0, -0.0, 1.0, float("nan"), 0.0, 0.0, -2.0, 0.0, 0.0, 1e-45]]).to(dtype)
     subnormal_kept = w[0, 9].item() != 0  # fp16 / bf16 round 1e-45 to zero
     # entries 2, 3 and 6 are non-zero: bits 2, 3, 6 of the first byte (LSB first); entry 9 is bit 1 of the next
-    assert _nonzero_bits(w).tolist() == [0b01001100, int(subnormal_kept) << 1]
+    assert nonzero_bits(w).tolist() == [0b01001100, int(subnormal_kept) << 1]
 
 
 _OUTCOMES: set[bool] = set()
@@ -461,13 +464,13 @@ def test_two_of_four_bit_trick_is_exact_on_every_segment():
 
 
 def test_popcount_fallback_counts_wide_elements(monkeypatch):
-    from hf_hybrid_sparse import bits
+    from hf_hybrid_sparse import hostops
 
     values = np.array([[0, 1, 0xFFFF], [0x8001, 0x00F0, 0x1234]], dtype=np.uint16)
     expected = np.array([[0, 1, 16], [2, 4, 5]])
-    assert (bits.popcount(values) == expected).all()
+    assert (hostops.popcount(values) == expected).all()
     monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy < 2 has no bitwise_count
-    assert (bits.popcount(values) == expected).all()
+    assert (hostops.popcount(values) == expected).all()
 
 
 def test_byte_tier_check_saw_both_outcomes():

@@ -33,14 +33,6 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits.view(np.bool_)).reshape(shape)
 
 
-def popcount(packed: np.ndarray) -> np.ndarray:
-    """Set bits of each element of an unsigned integer array (``numpy.bitwise_count`` where NumPy has it)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(packed)
-    per_byte = np.unpackbits(packed.view(np.uint8)[..., None], axis=-1).sum(-1, dtype=np.uint8)
-    return per_byte.reshape(*packed.shape, packed.itemsize).sum(-1, dtype=np.uint8)
-
-
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """Codes in 0..3 ``[..., n]`` -> ``uint8 [..., ceil(n/4)]``, 4 codes per byte, the first lowest."""
     c = codes.to(torch.uint8)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .hostops import count_outside
+
 STATE_ATTR = "hf_hybrid_sparse"
 
 
@@ -169,7 +171,7 @@ def revived_weights(model: nn.Module) -> dict[str, int]:
             continue
         if tuple(param.shape) != tuple(state.mask.shape):
             continue  # a shape mismatch is reported by whoever uses the mask
-        count = int(((param.detach() != 0) & ~state.mask.to(param.device)).sum())
+        count = count_outside(param, state.mask)
         if count:
             bad[f"{name}.{pname}" if name else pname] = count
     return bad
@@ -184,6 +186,6 @@ def apply_masks(model: nn.Module) -> int:
         if not isinstance(param, torch.Tensor) or param.device.type == "meta":
             continue
         mask = state.mask.to(param.device)
-        changed += int(((param != 0) & ~mask).sum())
+        changed += count_outside(param, mask)
         param.mul_(mask.to(param.dtype))
     return changed

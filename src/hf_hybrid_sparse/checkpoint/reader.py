@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..bits import pack_bits, popcount, unpack_bits
+from ..bits import pack_bits, unpack_bits
 from ..config import QUANT_METHOD, parse_nm
 from ..errors import ConfigError, StorageError
-from ..pruning.patterns import DENSE, NM, TIER_NAMES, TOPK, check_hybrid, expand_tiers
+from ..hostops import count_true, nonzero_bits, popcount, scatter
+from ..pruning.patterns import DENSE, NM, TIER_NAMES, TOPK, check_hybrid
 from ..state import ParamSparsity, set_param_state
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, parse_metadata
 
@@ -36,16 +37,16 @@ def _unpack(key: str, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
 
 def non_dense(tier_map: torch.Tensor, block_size: int, transposed: bool, shape) -> torch.Tensor:
     """Bool tensor of the parameter's shape: True where the weight is in a non-DENSE block."""
-    tiers = tier_map.cpu()
-    per = (
-        torch.stack([expand_tiers(t, block_size) for t in tiers])
-        if tiers.dim() == 3
-        else expand_tiers(tiers, block_size)
-    )
-    per = per.transpose(-1, -2) if transposed else per
+    # NumPy: also called while headers are parsed inside from_pretrained's meta-device context
+    blocks = tier_map.cpu().numpy() != DENSE
+    *lead, rows, cols = blocks.shape
+    bs = block_size
+    per = np.broadcast_to(blocks[..., :, None, :, None], (*lead, rows, bs, cols, bs))
+    per = per.reshape(*lead, rows * bs, cols * bs)
+    per = np.swapaxes(per, -1, -2) if transposed else per
     if tuple(per.shape) != tuple(shape):
         raise StorageError(f"tier map does not cover a parameter of shape {list(shape)}.")
-    return per != DENSE
+    return torch.from_numpy(np.ascontiguousarray(per))
 
 
 class Checkpoint:
@@ -159,9 +160,7 @@ def decode_mask(key: str, entry: dict, packed: torch.Tensor) -> tuple[torch.Tens
     if entry.get("mask_scope", "all") != "nondense":
         return _unpack(key, packed, entry["shape"]), packed.numpy()
     informative = non_dense(entry["tier_map"], entry["block_size"], entry["transposed"], entry["shape"])
-    mask = torch.ones(entry["shape"], dtype=torch.bool)
-    mask[informative] = _unpack(key, packed, (int(informative.sum()),))
-    return mask, None
+    return scatter(_unpack(key, packed, (count_true(informative),)), informative, fill=True), None
 
 
 def _first_difference(a: str, b: str) -> str:
@@ -196,18 +195,6 @@ def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, to
     return module, pname, param
 
 
-def _nonzero_bits(weight: torch.Tensor) -> np.ndarray:
-    """Packed bits (row-major, LSB first) of ``weight != 0`` (-0.0 counts as zero, NaN as nonzero)."""
-    w = weight.detach().cpu().contiguous()
-    if w.dtype == torch.bfloat16:  # NumPy has no bfloat16: test the raw bits without the sign
-        nonzero = (w.view(torch.int16).numpy() & 0x7FFF) != 0
-    elif w.dtype in (torch.float32, torch.float16, torch.float64):
-        nonzero = w.numpy() != 0  # IEEE compare, one pass, no integer temporary
-    else:
-        nonzero = (w != 0).numpy()
-    return np.packbits(nonzero.reshape(-1), bitorder="little")
-
-
 def verified_state(
     key: str, entry: dict, mask: torch.Tensor, weight: torch.Tensor | None, bits: np.ndarray | None = None
 ) -> ParamSparsity:
@@ -231,7 +218,7 @@ def verified_state(
     if kept != entry["kept"]:
         raise StorageError(f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}.")
     if weight is not None and weight.device.type != "meta":
-        revived = int(popcount(_nonzero_bits(weight) & ~bits).sum(dtype=np.int64))
+        revived = int(popcount(nonzero_bits(weight) & ~bits).sum(dtype=np.int64))
         if revived:
             raise StorageError(
                 f"{key}: {revived} weights that the mask prunes are not zero; the weights "
@@ -313,8 +300,10 @@ def _fill_from_values(key, module, pname, param, mask, entry) -> torch.nn.Parame
         )
     if param.dim() != 1 or param.numel() != entry["kept"]:
         raise StorageError(f"{key}: {param.numel()} stored values for {entry['kept']} kept weights.")
-    dense = torch.zeros(entry["shape"], dtype=param.dtype, device=param.device)
-    dense[mask.to(param.device)] = param.detach()
+    try:
+        dense = scatter(param.detach(), mask)
+    except ValueError as exc:  # the mask keeps another count than the header says
+        raise StorageError(f"{key}: {exc}") from None
     new = torch.nn.Parameter(dense, requires_grad=param.requires_grad)
     setattr(module, pname, new)
     return new

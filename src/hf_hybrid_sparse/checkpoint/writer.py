@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..bits import pack_bits
 from ..errors import StorageError
+from ..hostops import count_outside, popcount, select
 from ..kernels.linear import HybridSparseLinear
-from ..state import iter_sparse_params, revived_weights
+from ..state import ParamSparsity, iter_sparse_params
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, encode_mask_index, encode_metadata, encode_tier_map
 from .reader import non_dense
 
@@ -22,17 +25,11 @@ def sparse_state_dict(
 
     Refuses (before anything is written) a model whose pruned weights are not all zero.
     """
-    revived = revived_weights(model)
-    if revived:
-        listed = ", ".join(f"{k} ({v})" for k, v in list(revived.items())[:3])
-        raise StorageError(
-            f"{sum(revived.values())} pruned weights are not zero in {len(revived)} parameter(s): {listed}. Something "
-            "changed them outside the mask guards (a hand-written update under torch.no_grad, an optimizer that moves "
-            "weights without gradients). Nothing was written. Call hf_hybrid_sparse.apply_masks(model) to zero them "
-            "(then evaluate the model again), or prune again."
-        )
     state_dict = model.state_dict()
-    entries = [(f"{n}.{p}" if n else p, s) for n, _, p, s in iter_sparse_params(model)]
+    sparse = [(f"{n}.{p}" if n else p, m, p, s) for n, m, p, s in iter_sparse_params(model)]
+    entries = [(key, state) for key, _, _, state in sparse]
+    # the parameters whose zeros the save checks (packed layers derive theirs from the mask)
+    checked = {key: getattr(module, pname, None) for key, module, pname, _ in sparse}
     # packed layers are written in the normal layout: their dense weight, mask and tier map, derived
     for name, module in model.named_modules():
         if isinstance(module, HybridSparseLinear):
@@ -48,7 +45,43 @@ def sparse_state_dict(
             "compressed=True does not support fused MoE expert weights yet (transformers re-splits them per "
             "expert on save); save this model with the plain layout."
         )
-    for index, (key, state) in enumerate(entries):
+
+    def stored(job: tuple[str, ParamSparsity]) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+        """Revived count, kept count, packed mask and (compressed) kept values of one entry; reading every
+        pruned weight is most of a save's own work, so entries run on threads (NumPy releases the GIL)."""
+        key, state = job
+        bits = pack_bits(state.mask)
+        param = checked.get(key)
+        revived = (
+            count_outside(param, state.mask, bits.numpy())
+            if isinstance(param, torch.Tensor)
+            and param.device.type != "meta"
+            and tuple(param.shape) == tuple(state.mask.shape)
+            else 0
+        )
+        if revived:
+            return revived, 0, None, None
+        kept = int(popcount(bits.numpy()).sum(dtype=np.int64))
+        packed = bits
+        if compressed and state.tier_map is not None:
+            # DENSE blocks are all kept: their mask bits carry nothing, store only the others
+            informative = non_dense(state.tier_map, state.block_size, state.transposed, state.mask.shape)
+            packed = pack_bits(select(state.mask, informative))
+        return 0, kept, packed, select(state_dict[key], state.mask) if compressed else None
+
+    workers = max(1, min(torch.get_num_threads(), len(entries)))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(stored, entries))
+    revived = {key: r[0] for (key, _), r in zip(entries, results) if r[0]}
+    if revived:
+        listed = ", ".join(f"{k} ({v})" for k, v in list(revived.items())[:3])
+        raise StorageError(
+            f"{sum(revived.values())} pruned weights are not zero in {len(revived)} parameter(s): {listed}. Something "
+            "changed them outside the mask guards (a hand-written update under torch.no_grad, an optimizer that moves "
+            "weights without gradients). Nothing was written. Call hf_hybrid_sparse.apply_masks(model) to zero them "
+            "(then evaluate the model again), or prune again."
+        )
+    for index, ((key, state), (_, kept, packed, values)) in enumerate(zip(entries, results)):
         mask_key = f"{MASK_PREFIX}{index:05d}"
         modules[key] = {
             "shape": list(state.mask.shape),
@@ -59,20 +92,15 @@ def sparse_state_dict(
             "nm": state.nm,
             "topk_per_block": state.topk_per_block,
             "numel": state.mask.numel(),
-            "kept": int(state.mask.sum()),
+            "kept": kept,
             "mask": mask_key,
             "values": None,
             "tier_map": None if state.tier_map is None else encode_tier_map(state.tier_map),
         }
+        state_dict[mask_key] = packed
         if compressed and state.tier_map is not None:
-            # DENSE blocks are all kept: their mask bits carry nothing, store only the others
-            informative = non_dense(state.tier_map, state.block_size, state.transposed, state.mask.shape)
-            state_dict[mask_key] = pack_bits(state.mask.cpu()[informative])
             modules[key]["mask_scope"] = "nondense"
-        else:
-            state_dict[mask_key] = pack_bits(state.mask)
         if compressed:
-            weight = state_dict[key]
-            state_dict[key] = weight[state.mask.to(weight.device)].contiguous()
+            state_dict[key] = values
             modules[key]["values"] = key
     return state_dict, {METADATA_KEY: encode_metadata(recipe, modules), INDEX_KEY: encode_mask_index(modules)}
