@@ -1,6 +1,7 @@
 """Save -> load keeps masks, tier maps and recipe; corrupted checkpoints are rejected; saves are atomic."""
 
 import contextlib
+import copy
 import hashlib
 import json
 import subprocess
@@ -28,6 +29,7 @@ from hf_hybrid_sparse import (
 )
 from hf_hybrid_sparse.bits import pack_bits, unpack_bits
 from hf_hybrid_sparse.checkpoint.format import decode_tier_map, encode_tier_map, parse_metadata
+from hf_hybrid_sparse.state import iter_sparse_params
 
 
 def _assert_same_state(a, b):
@@ -478,3 +480,18 @@ def test_byte_tier_check_saw_both_outcomes():
     if not _OUTCOMES:
         test_byte_tier_check_agrees_with_check_hybrid()
     assert len(_OUTCOMES) == 2, _OUTCOMES
+
+
+def test_loaded_masks_stay_packed_until_first_read(tmp_path):
+    model = pruned_tiny("llama")
+    save_pretrained(model, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    states = [s for _, _, _, s in iter_sparse_params(loaded)]
+    assert states and all("mask" not in s.__dict__ for s in states)
+    with torch.no_grad():
+        loaded(torch.tensor([[1, 2, 3]]))
+    assert all("mask" not in s.__dict__ for s in states)  # inference reads no mask
+    copied = copy.deepcopy(loaded)
+    _assert_same_state(model, loaded)  # reads every mask: unpacked once, equal to the saved ones
+    assert all("mask" in s.__dict__ and "_packed" not in s.__dict__ for s in states)
+    _assert_same_state(model, copied)  # a copy made while packed unpacks on its own

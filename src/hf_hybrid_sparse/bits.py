@@ -21,14 +21,20 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(flat, bitorder="little"))
 
 
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the bool tensor of ``shape`` (raises ``ValueError`` on a size mismatch)."""
+def check_packed(packed: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``packed`` is what :func:`pack_bits` makes of a mask of ``shape``."""
     n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
         raise ValueError(
             f"packed mask has dtype {packed.dtype} and {packed.numel()} bytes; expected uint8 with "
             f"{(n + 7) // 8} bytes for shape {list(shape)}"
         )
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the bool tensor of ``shape`` (raises ``ValueError`` on a size mismatch)."""
+    check_packed(packed, shape)
+    n = math.prod(shape)
     bits = np.unpackbits(packed.contiguous().numpy(), count=n, bitorder="little")
     return torch.from_numpy(bits.view(np.bool_)).reshape(shape)
 

@@ -7,7 +7,8 @@ survives ``deepcopy``, PEFT wrapping and accelerate hooks; it is not part of ``s
 * ``mask``: ``torch.bool``, the **parameter's own shape** (``[out, in]`` for ``nn.Linear``,
   ``[in, out]`` for GPT-2's ``Conv1D``, ``[experts, out, in]`` for fused MoE experts); ``True`` = kept.
   It lives on the parameter's device (CPU for offloaded parameters); readers should
-  ``.to(param.device)``.
+  ``.to(param.device)``. A state restored by ``from_pretrained`` holds it bit-packed until it is first
+  read (inference never reads it), then unpacks it once.
 * ``tier_map``: ``torch.int8`` ``[..., out/bs, in/bs]`` in the *logical* ``[out, in]`` orientation
   (codes in :mod:`hf_hybrid_sparse.pruning.patterns`), or ``None`` for non-hybrid patterns.
 * ``transposed``: the parameter stores ``[in, out]`` (so ``mask.T`` is the logical mask).
@@ -26,10 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .bits import unpack_bits
 from .hostops import count_outside
 
 STATE_ATTR = "hf_hybrid_sparse"
@@ -50,6 +54,32 @@ class ParamSparsity:
     format_version: int = 1
     # (mask it was made from, mask as 0/1 in a gradient's device and dtype): one conversion per change
     _cast: tuple | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_bits(
+        cls, bits: np.ndarray, shape: tuple[int, ...], device: torch.device, **recipe: Any
+    ) -> ParamSparsity:
+        """A state whose ``mask`` stays bit-packed (``bits``: row-major, 8 per byte, LSB first) until it
+        is first read, then is unpacked once onto ``device``.
+
+        A loaded model that only runs inference never reads its masks: a bool mask per weight would be
+        one byte of fresh memory per parameter (as large as the int8 weights), eight times the bits.
+        """
+        state = cls(mask=None, **recipe)
+        del state.__dict__["mask"]  # reads of .mask now reach __getattr__
+        state._packed = (bits, tuple(shape), device)
+        return state
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not in the instance: a mask still packed by from_bits
+        packed = self.__dict__.get("_packed")
+        if name != "mask" or packed is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        bits, shape, device = packed
+        mask = unpack_bits(torch.from_numpy(bits), shape).to(device)
+        self.__dict__["mask"] = mask
+        self.__dict__.pop("_packed", None)  # another thread may have unpacked it too: same mask
+        return mask
 
     def logical_mask(self) -> torch.Tensor:
         """Mask in ``[..., out, in]`` orientation."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import system
 from ..errors import StorageError
+from ..hostops import scatter
 from ..kernels.linear import HybridSparseLinear
 from .reader import Checkpoint, verified_state
 
@@ -81,9 +82,10 @@ class PackOnLoad(nn.Module):
         if weight.dim() == 1:  # compressed layout: the kept values
             if weight.numel() != entry["kept"]:
                 raise StorageError(f"{key}: {weight.numel()} stored values for {entry['kept']} kept weights.")
-            dense = torch.zeros(entry["shape"], dtype=weight.dtype)
-            dense[mask] = weight.detach()
-            weight = dense
+            try:
+                weight = scatter(weight.detach(), mask)
+            except ValueError as exc:  # the mask keeps another count than the header says
+                raise StorageError(f"{key}: {exc}") from None
         elif tuple(weight.shape) != entry["shape"]:
             raise StorageError(
                 f"{key}: the saved mask has shape {list(entry['shape'])} but the weight has {list(weight.shape)}."

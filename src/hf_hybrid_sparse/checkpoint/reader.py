@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..bits import pack_bits, unpack_bits
+from ..bits import check_packed, pack_bits, unpack_bits
 from ..config import QUANT_METHOD, parse_nm
 from ..errors import ConfigError, StorageError
 from ..hostops import count_true, nonzero_bits, popcount, scatter
@@ -196,12 +196,18 @@ def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, to
 
 
 def verified_state(
-    key: str, entry: dict, mask: torch.Tensor, weight: torch.Tensor | None, bits: np.ndarray | None = None
+    key: str,
+    entry: dict,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bits: np.ndarray | None = None,
 ) -> ParamSparsity:
     """The :class:`ParamSparsity` of a header ``entry`` after every check against its ``mask`` and ``weight``.
 
     ``weight`` is the loaded parameter (``None`` or on ``meta`` when offloaded: its zeros are not checked).
     ``bits`` (the packed mask bytes, row-major, LSB first) lets the counts run on bytes: 8x less data.
+    With ``mask=None`` (``bits`` given) the mask is unpacked only if a check needs it; otherwise the state
+    keeps it packed until first read (:meth:`ParamSparsity.from_bits`).
     """
     if bits is None:
         bits = pack_bits(mask).numpy()
@@ -224,6 +230,9 @@ def verified_state(
                 f"{key}: {revived} weights that the mask prunes are not zero; the weights "
                 "and the mask disagree (edited or mixed-up checkpoint)."
             )
+    needs_mask = entry["tier_map"] is not None or entry["pattern"] not in ("unstructured", "zeros")
+    if mask is None and needs_mask and not byte_rules:
+        mask = _unpack(key, torch.from_numpy(bits), entry["shape"])  # the rules below read the mask
     if byte_rules:
         _check_tiers_bytes(key, bits, entry, counted)
     elif entry["tier_map"] is not None:
@@ -231,8 +240,7 @@ def verified_state(
     else:
         _check_pattern(key, mask, entry)
     device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
-    return ParamSparsity(
-        mask=mask.to(device),
+    recipe = dict(
         tier_map=entry["tier_map"],
         pattern=entry["pattern"],
         method=entry["method"],
@@ -241,6 +249,9 @@ def verified_state(
         topk_per_block=entry["topk_per_block"],
         transposed=entry["transposed"],
     )
+    if mask is None:
+        return ParamSparsity.from_bits(bits, entry["shape"], device, **recipe)
+    return ParamSparsity(mask=mask.to(device), **recipe)
 
 
 def restore_state(
@@ -279,6 +290,14 @@ def restore_state(
 
         def check(job) -> ParamSparsity:
             key, entry, packed, decoded, param = job[:5]
+            if decoded is None and entry.get("mask_scope", "all") == "all":
+                # the full layout's bits are all the checks need: the bool mask is made when first read
+                try:
+                    check_packed(packed, entry["shape"])
+                except ValueError as exc:
+                    raise StorageError(f"{key}: {exc}") from None
+                # a copy: the state may hold these bytes, and the file's mapping must not outlive a rewrite
+                return verified_state(key, entry, None, param, packed.numpy().copy())
             mask, bits = decoded or decode_mask(key, entry, packed)
             return verified_state(key, entry, mask, param, bits)
 
