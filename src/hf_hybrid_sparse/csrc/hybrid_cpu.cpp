@@ -964,30 +964,29 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
       // up to 4 tokens) or xp and x6 (tokens, more). Padding tokens read zeros.
       float* xtb = xt.get(in * L, n < L);
       float* xfb = bf16 ? nullptr : xf.get(padded * in, padded > n);
-      if (!bf16)
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t j = 0; j < in; ++j) xfb[t * in + j] = to_f(xs[t * in + j]);
-      for (int64_t j = 0; j < in; ++j)  // inputs outer, tokens inner: the stores run along memory
-        for (int64_t t = 0; t < n; ++t) xtb[j * L + t] = to_f(xs[t * in + j]);
-      k.x = xfb;
-      k.xt = xtb;
-      if (bf16) {
-        const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs);
-        if (n <= 4) {
-          uint16_t* xdb = xd.get(padded * in * 2, padded > n);  // [padded][in/16][32]: each block column's inputs twice
+      const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs);
+      uint16_t* xdb = bf16 && n <= 4 ? xd.get(padded * in * 2, padded > n) : nullptr;  // [padded][in/16][32]
+      // xp [in/2][L] pairs: the inputs of columns 2k, 2k+1 per token (adjacent in x: one 32-bit copy);
+      // x6 [in/4][6][L] pairs: the 6 column pairs of each group of 4
+      uint32_t* xpb = bf16 && n > 4 ? reinterpret_cast<uint32_t*>(xp.get(in * L, n < L)) : nullptr;
+      uint32_t* x6b = bf16 && n > 4 ? reinterpret_cast<uint32_t*>(x6.get(in / 4 * 6 * L * 2, n < L)) : nullptr;
+      // built by all threads, each over a range of inputs: on small layers a serial build measured a large
+      // part of the call. Inputs (or groups of 4) outer, tokens inner: the stores run along memory.
+      at::parallel_for(0, in / 4, 64, [&](int64_t g0, int64_t g1) {
+        const int64_t j0 = 4 * g0, j1 = 4 * g1;
+        if (xfb)
           for (int64_t t = 0; t < n; ++t)
-            for (int64_t j = 0; j < in; ++j) {
+            for (int64_t j = j0; j < j1; ++j) xfb[t * in + j] = to_f(xs[t * in + j]);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t t = 0; t < n; ++t) xtb[j * L + t] = to_f(xs[t * in + j]);
+        if (xdb)  // each block column's inputs twice
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t j = j0; j < j1; ++j) {
               const int64_t c = j / BS, i = j % BS;
               xdb[(t * (in / BS) + c) * 32 + i] = xdb[(t * (in / BS) + c) * 32 + BS + i] = xb[t * in + j];
             }
-          k.xd = xdb;
-        } else {
-          // xp [in/2][L] pairs: the inputs of columns 2k, 2k+1 per token (adjacent in x: one 32-bit copy);
-          // x6 [in/4][6][L] pairs: the 6 column pairs of each group of 4
-          uint32_t* xpb = reinterpret_cast<uint32_t*>(xp.get(in * L, n < L));
-          uint32_t* x6b = reinterpret_cast<uint32_t*>(x6.get(in / 4 * 6 * L * 2, n < L));
-          // groups outer, tokens inner: the stores run along memory
-          for (int64_t g = 0; g < in / 4; ++g)
+        if (x6b)
+          for (int64_t g = g0; g < g1; ++g)
             for (int64_t t = 0; t < n; ++t) {
               uint32_t pair[4];
               for (int c = 0; c < 4; ++c) pair[c] = xb[t * in + 4 * g + c];
@@ -995,10 +994,12 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
               xpb[(2 * g + 1) * L + t] = pair[2] | (pair[3] << 16);
               for (int q = 0; q < 6; ++q) x6b[(g * 6 + q) * L + t] = pair[NM_PAIR_COLS[q][0]] | (pair[NM_PAIR_COLS[q][1]] << 16);
             }
-          k.xp = reinterpret_cast<const uint16_t*>(xpb);
-          k.x6 = reinterpret_cast<const uint16_t*>(x6b);
-        }
-      }
+      });
+      k.x = xfb;
+      k.xt = xtb;
+      k.xd = xdb;
+      k.xp = reinterpret_cast<const uint16_t*>(xpb);
+      k.x6 = reinterpret_cast<const uint16_t*>(x6b);
       decode_multi<T>(p, k, yb);
     }
     finish<T>(yb, n, out, bs, ys);
