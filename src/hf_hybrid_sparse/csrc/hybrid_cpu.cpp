@@ -496,6 +496,40 @@ template <> struct BfDot<8> {
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
 
+// 32-bit integer lanes, one per token (16 in a zmm, 8 in a ymm)
+template <int L> struct U32Lanes;
+template <> struct U32Lanes<16> {
+  using V = __m512i;
+  static V tokens(int64_t stride) {  // lane t: t * stride
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32(int(stride)));
+  }
+  static V add(V v, int64_t k) { return _mm512_add_epi32(v, _mm512_set1_epi32(int(k))); }
+  static V gather(V at, const int* base, __mmask16 live) {
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, base, 4);
+  }
+  static V low_up(V v) { return _mm512_slli_epi32(v, 16); }
+  static V high_down(V v) { return _mm512_srli_epi32(v, 16); }
+  static V high(V v) { return _mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))); }
+  static V low_of_a_high_of_b(V a, V b) { return _mm512_mask_blend_epi16(__mmask32(0xAAAAAAAA), a, b); }
+  static void store(void* p, V v) { _mm512_store_si512(p, v); }
+};
+template <> struct U32Lanes<8> {
+  using V = __m256i;
+  static V tokens(int64_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(stride)));
+  }
+  static V add(V v, int64_t k) { return _mm256_add_epi32(v, _mm256_set1_epi32(int(k))); }
+  static V gather(V at, const int* base, __mmask16 live) {
+    return _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), __mmask8(live), at, base, 4);
+  }
+  static V low_up(V v) { return _mm256_slli_epi32(v, 16); }
+  static V high_down(V v) { return _mm256_srli_epi32(v, 16); }
+  static V high(V v) { return _mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))); }
+  static V low_of_a_high_of_b(V a, V b) { return _mm256_mask_blend_epi16(__mmask16(0xAAAA), a, b); }
+  static void store(void* p, V v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+
 // The token layouts of n (<= L) bf16 rows x [n][in] for groups [g0, g1) of 4 inputs: xp [in/2][L] and
 // x6 [in/4][6][L] pairs, xt [in][L] fp32. Two gathers per group fetch the pairs (0,1) and (2,3) of every
 // token (tokens in the lanes, lanes from n on zero); the other pairs and the fp32 inputs are blends and
@@ -503,59 +537,28 @@ template <> struct BfDot<8> {
 template <int L>
 inline void build_bf16_tokens(const uint16_t* x, int64_t n, int64_t in, int64_t g0, int64_t g1, uint32_t* xp,
                               uint32_t* x6, float* xt) {
+  using U = U32Lanes<L>;
   const int* base = reinterpret_cast<const int*>(x);
   const __mmask16 live = __mmask16((1u << n) - 1);
-  const __mmask32 odd = 0xAAAAAAAA;
-  if constexpr (L == 16) {
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(int(in / 2)));
-    for (int64_t g = g0; g < g1; ++g) {
-      const __m512i at = _mm512_add_epi32(rows, _mm512_set1_epi32(int(2 * g)));
-      const __m512i a = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, base, 4);  // cols 0, 1
-      const __m512i b = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
-                                                    _mm512_add_epi32(at, _mm512_set1_epi32(1)), base, 4);  // 2, 3
-      const __m512i a_hi = _mm512_srli_epi32(a, 16), b_lo = _mm512_slli_epi32(b, 16);
-      _mm512_store_si512(xp + (2 * g) * L, a);
-      _mm512_store_si512(xp + (2 * g + 1) * L, b);
-      uint32_t* q = x6 + g * 6 * L;  // the order of NM_PAIR_COLS: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
-      _mm512_store_si512(q, a);
-      _mm512_store_si512(q + L, _mm512_mask_blend_epi16(odd, a, b_lo));
-      _mm512_store_si512(q + 2 * L, _mm512_mask_blend_epi16(odd, a, b));
-      _mm512_store_si512(q + 3 * L, _mm512_mask_blend_epi16(odd, a_hi, b_lo));
-      _mm512_store_si512(q + 4 * L, _mm512_mask_blend_epi16(odd, a_hi, b));
-      _mm512_store_si512(q + 5 * L, b);
-      const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
-      float* t = xt + (4 * g) * L;
-      _mm512_store_si512(t, _mm512_slli_epi32(a, 16));
-      _mm512_store_si512(t + L, _mm512_and_si512(a, high));
-      _mm512_store_si512(t + 2 * L, b_lo);
-      _mm512_store_si512(t + 3 * L, _mm512_and_si512(b, high));
-    }
-  } else {
-    const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(in / 2)));
-    for (int64_t g = g0; g < g1; ++g) {
-      const __m256i at = _mm256_add_epi32(rows, _mm256_set1_epi32(int(2 * g)));
-      const __m256i a = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), __mmask8(live), at, base, 4);
-      const __m256i b = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), __mmask8(live),
-                                                     _mm256_add_epi32(at, _mm256_set1_epi32(1)), base, 4);
-      const __m256i a_hi = _mm256_srli_epi32(a, 16), b_lo = _mm256_slli_epi32(b, 16);
-      auto put = [](void* dst, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(dst), v); };
-      put(xp + (2 * g) * L, a);
-      put(xp + (2 * g + 1) * L, b);
-      uint32_t* q = x6 + g * 6 * L;
-      put(q, a);
-      put(q + L, _mm256_mask_blend_epi16(__mmask16(odd), a, b_lo));
-      put(q + 2 * L, _mm256_mask_blend_epi16(__mmask16(odd), a, b));
-      put(q + 3 * L, _mm256_mask_blend_epi16(__mmask16(odd), a_hi, b_lo));
-      put(q + 4 * L, _mm256_mask_blend_epi16(__mmask16(odd), a_hi, b));
-      put(q + 5 * L, b);
-      const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
-      float* t = xt + (4 * g) * L;
-      put(t, _mm256_slli_epi32(a, 16));
-      put(t + L, _mm256_and_si256(a, high));
-      put(t + 2 * L, b_lo);
-      put(t + 3 * L, _mm256_and_si256(b, high));
-    }
+  const typename U::V rows = U::tokens(in / 2);  // in 4-byte units: a pair of bf16 inputs
+  for (int64_t g = g0; g < g1; ++g) {
+    const typename U::V a = U::gather(U::add(rows, 2 * g), base, live);      // columns 0, 1 of the group
+    const typename U::V b = U::gather(U::add(rows, 2 * g + 1), base, live);  // columns 2, 3
+    const typename U::V a1 = U::high_down(a), b2 = U::low_up(b);
+    U::store(xp + (2 * g) * L, a);
+    U::store(xp + (2 * g + 1) * L, b);
+    uint32_t* q = x6 + g * 6 * L;  // the order of NM_PAIR_COLS: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    U::store(q, a);
+    U::store(q + L, U::low_of_a_high_of_b(a, b2));
+    U::store(q + 2 * L, U::low_of_a_high_of_b(a, b));
+    U::store(q + 3 * L, U::low_of_a_high_of_b(a1, b2));
+    U::store(q + 4 * L, U::low_of_a_high_of_b(a1, b));
+    U::store(q + 5 * L, b);
+    float* t = xt + (4 * g) * L;  // a bf16 in the high half of 32 bits is its fp32 value
+    U::store(t, U::low_up(a));
+    U::store(t + L, U::high(a));
+    U::store(t + 2 * L, b2);
+    U::store(t + 3 * L, U::high(b));
   }
 }
 
