@@ -23,10 +23,7 @@ def _host_raw(t: torch.Tensor) -> np.ndarray | None:
     """A flat NumPy view of a contiguous CPU tensor's elements as raw integers (``None`` where impossible)."""
     if t.device.type != "cpu" or t.is_complex() or t.element_size() not in _RAW:
         return None
-    array = t.detach().contiguous().reshape(-1)
-    if array.dtype == torch.bool:
-        return array.numpy()
-    return array.view(torch.int8).numpy().view(_RAW[t.element_size()])
+    return t.detach().contiguous().reshape(-1).view(torch.int8).numpy().view(_RAW[t.element_size()])
 
 
 def popcount(packed: np.ndarray) -> np.ndarray:
@@ -48,10 +45,7 @@ def select(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     raw = _host_raw(values)
     if raw is None:
         return torch.masked_select(values, keep.to(values.device))
-    picked = np.compress(_host_bool(keep), raw)
-    if values.dtype == torch.bool:
-        return torch.from_numpy(picked)
-    return torch.from_numpy(picked).view(values.dtype)
+    return torch.from_numpy(np.compress(_host_bool(keep), raw)).view(values.dtype)
 
 
 def scatter(values: torch.Tensor, keep: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
@@ -59,18 +53,18 @@ def scatter(values: torch.Tensor, keep: torch.Tensor, fill: float | bool = 0) ->
     row-major) where ``keep`` is True and ``fill`` elsewhere, with ``values``' dtype and device."""
     if values.dim() != 1:
         raise ValueError(f"scatter: values must be 1-D, got shape {list(values.shape)}")
-    out = torch.full(keep.shape, fill, dtype=values.dtype, device=values.device)
     raw = _host_raw(values)
-    if raw is None:
+    if raw is None:  # not on the CPU: torch's op
         keep = keep.to(values.device)
         count = int(torch.count_nonzero(keep))
-        if values.numel() != count:
-            raise ValueError(f"scatter: {values.numel()} values for {count} kept entries")
+    else:
+        flags = _host_bool(keep)
+        count = int(np.count_nonzero(flags))
+    if values.numel() != count:  # before the output is allocated
+        raise ValueError(f"scatter: {values.numel()} values for {count} kept entries")
+    out = torch.full(keep.shape, fill, dtype=values.dtype, device=values.device)
+    if raw is None:
         return out.masked_scatter_(keep, values)
-    flags = _host_bool(keep)
-    count = int(np.count_nonzero(flags))
-    if count != raw.size:
-        raise ValueError(f"scatter: {raw.size} values for {count} kept entries")
     dest = _host_raw(out)  # a view of out's storage: the stores land in out
     taken = 0
     for start in range(0, flags.size, _CHUNK):

@@ -191,17 +191,23 @@ def tier_maps(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def revived_count(param: object, state: ParamSparsity, keep_bits: np.ndarray | None = None) -> int:
+    """Pruned weights of ``param`` that are not zero; 0 where there is nothing to check (no tensor, offloaded
+    to ``meta``, or a shape mismatch, which whoever uses the mask reports). ``keep_bits``: the mask packed
+    as :func:`~hf_hybrid_sparse.hostops.count_outside` takes it, when the caller has it already."""
+    if not isinstance(param, torch.Tensor) or param.device.type == "meta":
+        return 0
+    if tuple(param.shape) != tuple(state.mask.shape):
+        return 0
+    return count_outside(param, state.mask, keep_bits)
+
+
 @torch.no_grad()
 def revived_weights(model: nn.Module) -> dict[str, int]:
     """``{"<module>.<param>": count}`` of pruned weights that are not zero (empty when the sparsity holds)."""
     bad = {}
     for name, module, pname, state in iter_sparse_params(model):
-        param = getattr(module, pname, None)
-        if not isinstance(param, torch.Tensor) or param.device.type == "meta":
-            continue
-        if tuple(param.shape) != tuple(state.mask.shape):
-            continue  # a shape mismatch is reported by whoever uses the mask
-        count = count_outside(param, state.mask)
+        count = revived_count(getattr(module, pname, None), state)
         if count:
             bad[f"{name}.{pname}" if name else pname] = count
     return bad

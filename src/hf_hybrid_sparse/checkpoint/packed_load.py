@@ -18,9 +18,8 @@ from torch import nn
 
 from .. import system
 from ..errors import StorageError
-from ..hostops import scatter
 from ..kernels.linear import HybridSparseLinear
-from .reader import Checkpoint, verified_state
+from .reader import Checkpoint, expand_values, verified_state
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages; their content is kept (re-read from the file on use)
 
@@ -80,12 +79,7 @@ class PackOnLoad(nn.Module):
         mask, bits = ckpt.mask_and_bits(key)
         source = weight  # the tensor transformers read from the file (kept values or the dense weight)
         if weight.dim() == 1:  # compressed layout: the kept values
-            if weight.numel() != entry["kept"]:
-                raise StorageError(f"{key}: {weight.numel()} stored values for {entry['kept']} kept weights.")
-            try:
-                weight = scatter(weight.detach(), mask)
-            except ValueError as exc:  # the mask keeps another count than the header says
-                raise StorageError(f"{key}: {exc}") from None
+            weight = expand_values(key, weight.detach(), mask, entry)
         elif tuple(weight.shape) != entry["shape"]:
             raise StorageError(
                 f"{key}: the saved mask has shape {list(entry['shape'])} but the weight has {list(weight.shape)}."

@@ -317,15 +317,21 @@ def _fill_from_values(key, module, pname, param, mask, entry) -> torch.nn.Parame
         raise StorageError(
             f"{key}: compressed checkpoints cannot be loaded into offloaded (meta) parameters."
         )
-    if param.dim() != 1 or param.numel() != entry["kept"]:
-        raise StorageError(f"{key}: {param.numel()} stored values for {entry['kept']} kept weights.")
-    try:
-        dense = scatter(param.detach(), mask)
-    except ValueError as exc:  # the mask keeps another count than the header says
-        raise StorageError(f"{key}: {exc}") from None
-    new = torch.nn.Parameter(dense, requires_grad=param.requires_grad)
+    new = torch.nn.Parameter(
+        expand_values(key, param.detach(), mask, entry), requires_grad=param.requires_grad
+    )
     setattr(module, pname, new)
     return new
+
+
+def expand_values(key: str, values: torch.Tensor, mask: torch.Tensor, entry: dict) -> torch.Tensor:
+    """The dense weight of a compressed entry from its stored kept values (1-D, row-major) and its mask."""
+    if values.dim() != 1 or values.numel() != entry["kept"]:
+        raise StorageError(f"{key}: {values.numel()} stored values for {entry['kept']} kept weights.")
+    try:
+        return scatter(values, mask)
+    except ValueError as exc:  # the mask keeps another count than the header says
+        raise StorageError(f"{key}: {exc}") from None
 
 
 def _check_pattern(key: str, mask: torch.Tensor, entry: dict) -> None:

@@ -10,9 +10,9 @@ import torch
 
 from ..bits import pack_bits
 from ..errors import StorageError
-from ..hostops import count_outside, popcount, select
+from ..hostops import popcount, select
 from ..kernels.linear import HybridSparseLinear
-from ..state import ParamSparsity, iter_sparse_params
+from ..state import ParamSparsity, iter_sparse_params, revived_count
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, encode_mask_index, encode_metadata, encode_tier_map
 from .reader import non_dense
 
@@ -26,10 +26,8 @@ def sparse_state_dict(
     Refuses (before anything is written) a model whose pruned weights are not all zero.
     """
     state_dict = model.state_dict()
-    sparse = [(f"{n}.{p}" if n else p, m, p, s) for n, m, p, s in iter_sparse_params(model)]
-    entries = [(key, state) for key, _, _, state in sparse]
-    # the parameters whose zeros the save checks (packed layers derive theirs from the mask)
-    checked = {key: getattr(module, pname, None) for key, module, pname, _ in sparse}
+    # (state dict key, state, the parameter whose zeros the save checks: packed layers derive theirs)
+    entries = [(f"{n}.{p}" if n else p, s, getattr(m, p, None)) for n, m, p, s in iter_sparse_params(model)]
     # packed layers are written in the normal layout: their dense weight, mask and tier map, derived
     for name, module in model.named_modules():
         if isinstance(module, HybridSparseLinear):
@@ -38,27 +36,20 @@ def sparse_state_dict(
                 state_dict.pop(prefix + buffer, None)
             weight, state = module.param_state()
             state_dict[prefix + "weight"] = weight
-            entries.append((prefix + "weight", state))
+            entries.append((prefix + "weight", state, None))
     modules = {}
-    if compressed and any(s.mask.dim() == 3 for _, s in entries):
+    if compressed and any(s.mask.dim() == 3 for _, s, _ in entries):
         raise StorageError(
             "compressed=True does not support fused MoE expert weights yet (transformers re-splits them per "
             "expert on save); save this model with the plain layout."
         )
 
-    def stored(job: tuple[str, ParamSparsity]) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+    def stored(job: tuple[str, ParamSparsity, Any]) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
         """Revived count, kept count, packed mask and (compressed) kept values of one entry; reading every
         pruned weight is most of a save's own work, so entries run on threads (NumPy releases the GIL)."""
-        key, state = job
+        key, state, param = job
         bits = pack_bits(state.mask)
-        param = checked.get(key)
-        revived = (
-            count_outside(param, state.mask, bits.numpy())
-            if isinstance(param, torch.Tensor)
-            and param.device.type != "meta"
-            and tuple(param.shape) == tuple(state.mask.shape)
-            else 0
-        )
+        revived = revived_count(param, state, bits.numpy())
         if revived:
             return revived, 0, None, None
         kept = int(popcount(bits.numpy()).sum(dtype=np.int64))
@@ -72,7 +63,7 @@ def sparse_state_dict(
     workers = max(1, min(torch.get_num_threads(), len(entries)))
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(stored, entries))
-    revived = {key: r[0] for (key, _), r in zip(entries, results) if r[0]}
+    revived = {key: r[0] for (key, _, _), r in zip(entries, results) if r[0]}
     if revived:
         listed = ", ".join(f"{k} ({v})" for k, v in list(revived.items())[:3])
         raise StorageError(
@@ -81,7 +72,7 @@ def sparse_state_dict(
             "weights without gradients). Nothing was written. Call hf_hybrid_sparse.apply_masks(model) to zero them "
             "(then evaluate the model again), or prune again."
         )
-    for index, ((key, state), (_, kept, packed, values)) in enumerate(zip(entries, results)):
+    for index, ((key, state, _), (_, kept, packed, values)) in enumerate(zip(entries, results)):
         mask_key = f"{MASK_PREFIX}{index:05d}"
         modules[key] = {
             "shape": list(state.mask.shape),

@@ -1040,7 +1040,7 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
       // part of the call. Inputs (or groups of 4) outer, tokens inner: the stores run along memory.
       at::parallel_for(0, in / 4, 64, [&](int64_t g0, int64_t g1) {
 #if HS_BF16DOT
-        if (x6b) {
+        if (x6b) {  // xp, x6 and xt (bf16 at 5..16 tokens; x6b is set only in this build)
           if (L == 16) build_bf16_tokens<16>(xb, n, in, g0, g1, xpb, x6b, xtb);
           else build_bf16_tokens<8>(xb, n, in, g0, g1, xpb, x6b, xtb);
           return;
@@ -1057,15 +1057,6 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
             for (int64_t j = j0; j < j1; ++j) {
               const int64_t c = j / BS, i = j % BS;
               xdb[(t * (in / BS) + c) * 32 + i] = xdb[(t * (in / BS) + c) * 32 + BS + i] = xb[t * in + j];
-            }
-        if (x6b)
-          for (int64_t g = g0; g < g1; ++g)
-            for (int64_t t = 0; t < n; ++t) {
-              uint32_t pair[4];
-              for (int c = 0; c < 4; ++c) pair[c] = xb[t * in + 4 * g + c];
-              xpb[(2 * g) * L + t] = pair[0] | (pair[1] << 16);
-              xpb[(2 * g + 1) * L + t] = pair[2] | (pair[3] << 16);
-              for (int q = 0; q < 6; ++q) x6b[(g * 6 + q) * L + t] = pair[NM_PAIR_COLS[q][0]] | (pair[NM_PAIR_COLS[q][1]] << 16);
             }
       });
       k.x = xfb;
