@@ -10,8 +10,11 @@ Variants, each in a fresh subprocess on a fresh model (so peak memory is its own
               like the original Wanda code);
   wanda       Wanda unstructured 50%, batched;
   hybrid      Wanda hybrid (0.35, 0.45, 0.20);
-  sparsegpt   SparseGPT unstructured 50%, batched.
-Ratios are against `floor` and `wanda` measured in the same run. Peak memory: GPU
+  sparsegpt   SparseGPT unstructured 50%, batched;
+  wanda-nostop, sparsegpt-nostop  the same with the statistics forwards run to their end (the engine
+              otherwise stops each once every layer's input is recorded): what that stop saves.
+Ratios are against `floor` and `wanda` measured in the same run. `--repeats N` runs the list N times,
+interleaved (the machine's state drifts between variants), and reports medians. Peak memory: GPU
 max_memory_allocated on CUDA; on CPU the growth of the process's peak RSS over the loaded model.
 """
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +32,8 @@ import time
 import torch
 
 VARIANTS = ["floor", "one-sample", "wanda", "hybrid", "sparsegpt"]
+# the same as "wanda" / "sparsegpt" with every statistics forward run to its end (the stop disabled)
+NOSTOP = ["wanda-nostop", "sparsegpt-nostop"]
 
 
 def _load(name: str, device: str):
@@ -83,12 +89,16 @@ def run_variant(args) -> dict:
                 hidden = [captured.calls[i][b].call(block, h) for b, h in enumerate(hidden)]
                 block.to("cpu")
     else:
+        if args.variant.endswith("-nostop"):
+            from hf_hybrid_sparse.engine import statistics as engine_statistics
+
+            engine_statistics._EarlyStop.seen = lambda self, name: None
         cfg = {
             "one-sample": dict(method="wanda", pattern="unstructured", batch_size=1),
             "wanda": dict(method="wanda", pattern="unstructured"),
             "hybrid": dict(method="wanda", pattern="hybrid"),
             "sparsegpt": dict(method="sparsegpt", pattern="unstructured"),
-        }[args.variant]
+        }[args.variant.removesuffix("-nostop")]
         apply_hybrid_sparsity(model, HybridSparseConfig(**(base | cfg)), tokens)
     if on_gpu:
         torch.cuda.synchronize()
@@ -109,29 +119,39 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variant", choices=VARIANTS)
+    ap.add_argument("--variant", choices=VARIANTS + NOSTOP)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="run the variant list this many times, interleaved"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
-    results = {}
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}"
-            for k, v in vars(args).items()
-            if k not in ("variant", "variants", "json") and v is not None
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode or not line:
-            raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(line[0][7:])
-        print(
-            f"{variant}: {results[variant]['seconds']:.2f} s, peak {results[variant]['peak_mib']:.0f} MiB",
-            flush=True,
-        )
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for variant in args.variants.split(","):
+            cmd = [sys.executable, __file__, "--variant", variant] + [
+                f"--{k}={v}"
+                for k, v in vars(args).items()
+                if k not in ("variant", "variants", "json", "repeats") and v is not None
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[0][7:])
+            runs.setdefault(variant, []).append(r)
+            print(
+                f"{variant}: {r['seconds']:.2f} s, {r['cpu_seconds']:.1f} CPU-s, peak {r['peak_mib']:.0f} MiB",
+                flush=True,
+            )
+    results = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu_seconds", "peak_mib")}
+        | {"variant": v, "cpu_seconds_all": [r["cpu_seconds"] for r in rs]}
+        for v, rs in runs.items()
+    }
     device = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
@@ -141,6 +161,8 @@ def main() -> None:
         f"\n{args.model}, {args.nsamples} x {args.seqlen} tokens, batch {args.batch_size}, {device}, torch {torch.__version__}\n"
     )
     cpu_floor = results.get("floor", {}).get("cpu_seconds")
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} interleaved runs each")
     print("| variant | seconds | CPU-seconds | x floor (CPU) | x wanda (CPU) | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     cpu_wanda = results.get("wanda", {}).get("cpu_seconds")

@@ -392,3 +392,82 @@ def test_the_gram_matrix_is_the_full_product(width):
     assert torch.allclose(stats.gram().double(), x.t() @ x, rtol=1e-5, atol=1e-3)
     assert torch.equal(stats.gram(), stats.gram().t())
     assert torch.allclose(stats.hessian().double(), 2 * x.t() @ x / x.shape[0], rtol=1e-5, atol=1e-4)
+
+
+def _prune_with_early_stop(monkeypatch, family: str, method: str, enabled: bool):
+    from hf_hybrid_sparse.engine import statistics
+
+    if not enabled:  # the reference: every statistics forward runs to the end
+        monkeypatch.setattr(statistics._EarlyStop, "seen", lambda self, name: None)
+    model = tiny_model(family)
+    apply_hybrid_sparsity(
+        model,
+        HybridSparseConfig(method=method, pattern="hybrid", nsamples=8, seqlen=32, batch_size=2),
+        random_tokens(8, 32),
+    )
+    monkeypatch.undo()
+    return model
+
+
+@pytest.mark.parametrize(
+    "family,method", [("llama", "sparsegpt"), ("gpt2", "wanda"), ("falcon", "sparsegpt")]
+)
+def test_statistics_forwards_that_stop_early_give_the_same_model(monkeypatch, family, method):
+    """The statistics pass's outputs are discarded, so ending its forwards once every input is recorded
+    changes no mask and no weight (bit for bit)."""
+    early = _prune_with_early_stop(monkeypatch, family, method, True)
+    full = _prune_with_early_stop(monkeypatch, family, method, False)
+    assert sparsity_masks(early).keys() == sparsity_masks(full).keys()
+    for k, m in sparsity_masks(early).items():
+        assert torch.equal(m, sparsity_masks(full)[k]), k
+    for (name, a), b in zip(early.state_dict().items(), full.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_last_layer_of_a_block_is_skipped_in_the_statistics_pass():
+    """Llama: after a first full forward (which arms the stop), the statistics forwards end at down_proj's
+    input: of the 4 statistics forwards of every block, 3 skip down_proj (other forwards run both)."""
+    model = tiny_model("llama")
+    calls = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("down_proj", "up_proj"):
+            getattr(layer.mlp, name).register_forward_hook(
+                lambda *_, k=(i, name): calls.__setitem__(k, calls.get(k, 0) + 1)
+            )
+    apply_hybrid_sparsity(
+        model, HybridSparseConfig(method="wanda", nsamples=8, seqlen=16, batch_size=2), random_tokens(8, 16)
+    )
+    for i in range(len(model.model.layers)):
+        assert calls[(i, "up_proj")] - calls[(i, "down_proj")] == 3
+    assert calls[(1, "down_proj")] == 1  # the last block: no recompute, one full statistics forward
+
+
+def test_a_layer_called_twice_per_forward_never_stops_early():
+    """A target called twice in one forward keeps both inputs: the stop is never armed. (The engine then
+    refuses the block, since its layers saw different token counts; that check is unchanged.)"""
+    from hf_hybrid_sparse.engine.statistics import StatisticsComplete
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    block = Twice()
+    targets = find_targets(block, "t", None, None)
+    assert len(targets) == 2
+    with (
+        pytest.raises(RuntimeError, match="different token counts"),
+        collecting(targets, hessian=False, stop_in=block) as stats,
+        torch.no_grad(),
+    ):
+        for _ in range(3):
+            try:
+                block(torch.randn(4, 8))
+            except StatisticsComplete:  # pragma: no cover - the failure this test guards against
+                pytest.fail("a forward stopped although a layer is called twice")
+        a = next(s for name, s in stats.items() if name.endswith(".a.weight") or name.endswith(".a"))
+        assert a.tokens == 3 * 2 * 4

@@ -279,3 +279,20 @@ def test_tiers_rechosen_per_chunk_keep_each_chunks_counts_and_the_previous_map(g
     previous[previous == DENSE] = NM  # a later iteration: nothing may move back to DENSE
     _, _, again = sparsegpt_prune(w, h, previous_tiers=previous, tier_ratios=(0.0, 0.6, 0.4), **kw)
     assert (again >= previous).all()
+
+
+@pytest.mark.parametrize("n,spread", [(64, 1.0), (300, 1e4), (1100, 1e6)])
+def test_the_inverse_factor_is_the_papers_upper_cholesky_of_the_inverse(n, spread):
+    """hessian_factor's factor (one factorisation of the reversed matrix and a triangular inverse) is the
+    paper's cholesky(inverse(H + damp * mean(diag H) * I), upper=True), checked in float64 for Hessians
+    from well to badly conditioned."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64) * torch.logspace(
+        0, math.log10(spread), n, dtype=torch.float64
+    )
+    h = (2 * x.T @ x / x.shape[0]).float()
+    factor = hessian_factor(h, 0.01).hinv
+    ref = _upper_inverse_factor(h, 0.01)
+    assert torch.equal(factor, factor.triu()) and (torch.diag(factor) > 0).all()
+    err = (factor.double() - ref).abs().max() / ref.abs().max()
+    assert err < 2e-5, err

@@ -3,11 +3,12 @@
 For each decoder block: (1) forward the calibration batches through it with hooks gathering
 fp32 input statistics of every target weight, (2) prune every target from those statistics,
 (3) forward the batches again through the pruned block; its outputs are the next block's
-inputs. Only the block being pruned needs to be on the compute device.
+inputs. The forwards of (1) end once every target's input is recorded (see ``statistics``). Only the block being pruned needs to be on the compute device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ from .offload import is_offloaded, onloaded, write_param
 from .planning import Plan, matrices, plan
 from .reconstruction import reconstruct_block
 from .report import ModuleReport, SparsityReport
-from .statistics import collecting, eager_experts
+from .statistics import StatisticsComplete, collecting, eager_experts
 
 logger = get_logger(__name__)
 
@@ -209,9 +210,11 @@ def _walk(
                 ]
             if needs_data and targets:
                 bar.set_postfix_str("statistics")
-                with collecting(targets, hessian=config.method == "sparsegpt") as stats:
+                # the outputs are not used: a forward may end once every input is recorded
+                with collecting(targets, hessian=config.method == "sparsegpt", stop_in=block) as stats:
                     for b, h in enumerate(hidden):
-                        captured.calls[i][b].call(block, h.to(execution_device(block)))
+                        with contextlib.suppress(StatisticsComplete):
+                            captured.calls[i][b].call(block, h.to(execution_device(block)))
             bar.set_postfix_str("pruning")
             with onloaded(block):
                 # a block is pruned entirely or not at all: compute every target first, then write them

@@ -1,9 +1,15 @@
 """Gather per-layer input statistics during a block's calibration forwards.
 
-``nn.Linear``/``Conv1D`` inputs come from forward hooks. Fused MoE experts (a 3-D weight,
+``nn.Linear``/``Conv1D`` inputs come from forward pre-hooks. Fused MoE experts (a 3-D weight,
 ``F.linear(x, weight[e])`` per routed expert) are observed with a ``TorchFunctionMode``: a
 ``linear`` call whose weight is a view into a watched 3-D parameter is attributed to expert
 ``e = offset / stride(0)``, so each expert is calibrated on exactly the tokens routed to it.
+
+The statistics pass discards the block's outputs (the pruned block is run again for them), so with
+``stop_in=block`` a forward ends, by :class:`StatisticsComplete`, as soon as every target's input of the
+batch is recorded: the last layer's own product (``down_proj`` in a Llama block, a quarter of the
+block's linear work) is never computed. This is armed only after a first full forward in which every
+target was called exactly once, so a layer called twice, or routed experts, never lose an input.
 """
 
 from __future__ import annotations
@@ -17,6 +23,38 @@ from torch.overrides import TorchFunctionMode
 
 from ..pruning.scoring import InputStats
 from .discovery import Target
+
+
+class StatisticsComplete(Exception):
+    """Ends a statistics forward early: every target's input of this batch is recorded (see module doc)."""
+
+
+class _EarlyStop:
+    """Counts target calls per forward of ``block``; once armed, stops a forward when all are seen."""
+
+    def __init__(self, block: torch.nn.Module, names: list[str]) -> None:
+        self.names = set(names)
+        self.calls: dict[str, int] = {}
+        self.armed = False
+        self.handles = [
+            block.register_forward_pre_hook(lambda *_: self.calls.clear()),
+            block.register_forward_hook(lambda *_: self._finished()),
+        ]
+
+    def _finished(self) -> None:
+        # a full forward: arm when each target ran exactly once (no layer called twice, no skipped expert)
+        self.armed = self.armed or (
+            set(self.calls) == self.names and all(n == 1 for n in self.calls.values())
+        )
+
+    def seen(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.armed and len(self.calls) == len(self.names):
+            raise StatisticsComplete
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class _ExpertLinearMode(TorchFunctionMode):
@@ -123,11 +161,15 @@ def eager_experts(targets: list[Target]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def collecting(targets: list[Target], hessian: bool) -> Iterator[dict[str, object]]:
+def collecting(
+    targets: list[Target], hessian: bool, stop_in: torch.nn.Module | None = None
+) -> Iterator[dict[str, object]]:
     """Context yielding ``{target.name: InputStats | list[InputStats | None]}`` filled by forwards inside it.
 
     Linear layers that receive the very same input tensor (q/k/v, gate/up) share one :class:`InputStats`:
-    it is accumulated once per forward, not once per layer.
+    it is accumulated once per forward, not once per layer. With ``stop_in`` (the block whose forwards
+    feed the statistics, its outputs unused), forwards of it may raise :class:`StatisticsComplete` once
+    nothing is left to record; the caller catches it. Ignored for fused experts and accelerate-hooked blocks.
     """
     stats: dict[str, object] = {}
     shared = _SharedInputs(stats, hessian)
@@ -140,10 +182,16 @@ def collecting(targets: list[Target], hessian: bool) -> Iterator[dict[str, objec
             watched.append((target, per_expert))
             continue
 
-        def hook(module, inputs, output, name=target.name):
+        def hook(module, inputs, name=target.name):
             shared.add(name, inputs[0])
+            if early is not None:
+                early.seen(name)
 
-        handles.append(target.module.register_forward_hook(hook))
+        handles.append(target.module.register_forward_pre_hook(hook))
+    hooked = stop_in is not None and any(hasattr(m, "_hf_hook") for m in stop_in.modules())
+    early = None
+    if stop_in is not None and handles and not watched and not hooked:
+        early = _EarlyStop(stop_in, [t.name for t in targets])
     mode = _ExpertLinearMode(watched, hessian) if watched else contextlib.nullcontext()
     try:
         with mode:
@@ -152,3 +200,5 @@ def collecting(targets: list[Target], hessian: bool) -> Iterator[dict[str, objec
     finally:
         for h in handles:
             h.remove()
+        if early is not None:
+            early.remove()

@@ -14,7 +14,8 @@ class InputStats:
     """
 
     def __init__(self, in_features: int, device: torch.device, hessian: bool = False) -> None:
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device)
+        # with the Hessian, the squared norms are its diagonal (accumulated by the same products)
+        self._sq_norm = None if hessian else torch.zeros(in_features, dtype=torch.float32, device=device)
         self.xtx = (
             torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         )
@@ -33,10 +34,16 @@ class InputStats:
         if x.shape[0] == 0:
             return
         self._derived.clear()
-        self.sq_norm += x.pow(2).sum(dim=0)
         if self.xtx is not None:
             _add_upper_gram(self.xtx, x)
+        else:
+            self._sq_norm += x.pow(2).sum(dim=0)
         self.tokens += x.shape[0]
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """``sum over tokens of X_j^2`` per input ``j``."""
+        return self._sq_norm if self.xtx is None else torch.diagonal(self.xtx).clone()
 
     def column_norms(self) -> torch.Tensor:
         """``||X_j||_2`` over all tokens seen."""
