@@ -3,7 +3,8 @@
 For each decoder block: (1) forward the calibration batches through it with hooks gathering
 fp32 input statistics of every target weight, (2) prune every target from those statistics,
 (3) forward the batches again through the pruned block; its outputs are the next block's
-inputs. The forwards of (1) end once every target's input is recorded (see ``statistics``). Only the block being pruned needs to be on the compute device.
+inputs. The forwards of (1) end once every target's input is recorded (see ``statistics``). Only
+the block being pruned needs to be on the compute device.
 """
 
 from __future__ import annotations

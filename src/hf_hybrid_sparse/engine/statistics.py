@@ -173,6 +173,16 @@ def collecting(
     """
     stats: dict[str, object] = {}
     shared = _SharedInputs(stats, hessian)
+    # not with fused experts (a mode sees them, not a hook) nor with accelerate hooks on the block (a forward
+    # ended by the exception would skip their post_forward)
+    early = None
+    if (
+        stop_in is not None
+        and targets
+        and all(t.kind != "experts" for t in targets)
+        and not any(hasattr(m, "_hf_hook") for m in stop_in.modules())
+    ):
+        early = _EarlyStop(stop_in, [t.name for t in targets])
     handles = []
     watched = []
     for target in targets:
@@ -188,10 +198,6 @@ def collecting(
                 early.seen(name)
 
         handles.append(target.module.register_forward_pre_hook(hook))
-    hooked = stop_in is not None and any(hasattr(m, "_hf_hook") for m in stop_in.modules())
-    early = None
-    if stop_in is not None and handles and not watched and not hooked:
-        early = _EarlyStop(stop_in, [t.name for t in targets])
     mode = _ExpertLinearMode(watched, hessian) if watched else contextlib.nullcontext()
     try:
         with mode:
