@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -495,3 +496,24 @@ def test_loaded_masks_stay_packed_until_first_read(tmp_path):
     _assert_same_state(model, loaded)  # reads every mask: unpacked once, equal to the saved ones
     assert all("mask" in s.__dict__ and "_packed" not in s.__dict__ for s in states)
     _assert_same_state(model, copied)  # a copy made while packed unpacks on its own
+
+
+def test_states_compare_by_value_packed_or_not(tmp_path):
+    # a loaded state (mask still bit-packed) equals the saved one; one flipped mask entry or another recipe
+    # field makes them differ (the generated dataclass __eq__ raised on any mask of more than one entry)
+    model = pruned_tiny("llama")
+    save_pretrained(model, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    saved = {n: s for n, _, _, s in iter_sparse_params(model)}
+    for name, _, _, state in iter_sparse_params(loaded):
+        assert "mask" not in state.__dict__
+        assert state == saved[name] and saved[name] == state
+    name, state = next(iter(saved.items()))
+    flipped = copy.copy(state)
+    flipped.mask = state.mask.clone()
+    flipped.mask.view(-1)[0] ^= True
+    assert flipped != state
+    assert dataclasses.replace(state, topk_per_block=state.topk_per_block + 1) != state
+    assert state != "not a state"
+    with pytest.raises(TypeError):
+        hash(state)

@@ -26,7 +26,7 @@ after each step (for optimizers that move a weight without a gradient) and the e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,25 @@ class ParamSparsity:
         self.__dict__["mask"] = mask
         self.__dict__.pop("_packed", None)  # another thread may have unpacked it too: same mask
         return mask
+
+    def __eq__(self, other: object) -> bool:
+        # the generated dataclass __eq__ compared masks with ``==`` and raised on any mask of more than
+        # one element; equal here: the same recipe, tier map and mask (on any devices)
+        if not isinstance(other, ParamSparsity):
+            return NotImplemented
+        if any(
+            getattr(self, f.name) != getattr(other, f.name)
+            for f in fields(self)
+            if f.compare and f.name not in ("mask", "tier_map")
+        ):
+            return False
+        if (self.tier_map is None) != (other.tier_map is None):
+            return False
+        if self.tier_map is not None and not torch.equal(self.tier_map.cpu(), other.tier_map.cpu()):
+            return False
+        return torch.equal(self.mask.cpu(), other.mask.cpu())
+
+    __hash__ = None  # mutable, compared by value
 
     def logical_mask(self) -> torch.Tensor:
         """Mask in ``[..., out, in]`` orientation."""
