@@ -243,6 +243,12 @@ alignas(64) static uint32_t X[24 * 32 * 16];  // the loops read its first 3 KB: 
 alignas(64) static uint32_t W[4096];
 alignas(64) static uint8_t OFF[4096];
 alignas(64) static int32_t OFF32[4096];
+// the sum of the 8 rows x 2 token vectors of accumulators (returned, so the loops are not optimised away)
+inline float total(const __m512 (&acc)[8][2]) {
+  __m512 s = _mm512_setzero_ps();
+  for (int i = 0; i < 8; ++i) s = _mm512_add_ps(s, _mm512_add_ps(acc[i][0], acc[i][1]));
+  return _mm512_reduce_add_ps(s);
+}
 template <int MODE>
 __attribute__((noinline)) float run(int iters) {
   __m512 acc[8][2];
@@ -257,17 +263,14 @@ __attribute__((noinline)) float run(int iters) {
         const uint32_t* xo;
         if (MODE == 0) xo = X + int(o[i * 4 + g]) * 32;      // data-dependent
         else if (MODE == 3) xo = reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(X) + OFF32[(it & 63) * 32 + i * 4 + g]);
-        else if (MODE == 1) xo = X + ((i * 4 + g) % 24) * 32;  // fixed
-        else xo = X;                                          // same address
+        else xo = X + ((i * 4 + g) % 24) * 32;  // MODE 1: fixed
         const __m512bh wb = (__m512bh)_mm512_set1_epi32(int(w[i * 4 + g]));
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], wb, (__m512bh)_mm512_load_si512(xo));
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], wb, (__m512bh)_mm512_load_si512(xo + 16));
       }
     }
   }
-  __m512 s = _mm512_setzero_ps();
-  for (int i = 0; i < 8; ++i) s = _mm512_add_ps(s, _mm512_add_ps(acc[i][0], acc[i][1]));
-  return _mm512_reduce_add_ps(s);
+  return total(acc);
 }
 // dense-like: x vectors in registers, shared
 __attribute__((noinline)) float run_dense(int iters) {
@@ -286,9 +289,7 @@ __attribute__((noinline)) float run_dense(int iters) {
       }
     }
   }
-  __m512 s = _mm512_setzero_ps();
-  for (int i = 0; i < 8; ++i) s = _mm512_add_ps(s, _mm512_add_ps(acc[i][0], acc[i][1]));
-  return _mm512_reduce_add_ps(s);
+  return total(acc);
 }
 // ymm version of MODE 0 with 4 token vectors of 8
 __attribute__((noinline)) float run_ymm(int iters) {
