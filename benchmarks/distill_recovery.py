@@ -174,6 +174,12 @@ def main() -> None:
         run(f"dense + {args.steps} steps KD{steps_tag}", copy.deepcopy(model), args.steps, kd=True)
     if "unstructured" in parts:
         for method in args.methods.split(","):
+            owl = " (owl)" if args.layer_allocation != "uniform" else ""
+            key = f"{method} unstructured 50%{owl}{tag}"
+            wanted = [key, f"{key} + {args.steps} steps KD{steps_tag}"]
+            wanted += [f"{key} + {args.steps} steps CE{steps_tag}"] if args.ce else []
+            if all(k in results for k in wanted):  # a rerun adds only what is missing: no pruning for nothing
+                continue
             pruned = copy.deepcopy(model)
             cfg = HybridSparseConfig(
                 method=method,
@@ -183,8 +189,6 @@ def main() -> None:
                 **calib,
             )
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
-            owl = " (owl)" if args.layer_allocation != "uniform" else ""
-            key = f"{method} unstructured 50%{owl}{tag}"
             if key not in results:
                 results[key] = {"perplexity": ppl(pruned), "sparsity": report.sparsity}
                 save()
