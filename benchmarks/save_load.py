@@ -11,12 +11,16 @@ weights, tier maps), so the ratio is the price of the sparsity state. A dense lo
 timed up to the end of a first 16-token forward ("load+forward"): the time until the model has answered.
 "prepare" times what a save computes before it writes (the state dict with masks, checks and header),
 the package's own part of a save: writing the files varies with the machine's memory far more.
+The loader checks through the C++ extension's one-pass check (built first if needed); each round also
+loads the hybrid folder once more with the NumPy checks (``HF_HYBRID_SPARSE_KERNEL=reference``), as
+"hybrid-numpy".
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import statistics
 import tempfile
@@ -28,7 +32,7 @@ from _common import out, write_json
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity, save_pretrained
+from hf_hybrid_sparse import HybridSparseConfig, apply_hybrid_sparsity, native, save_pretrained
 from hf_hybrid_sparse.models import load_model_and_tokenizer
 
 
@@ -40,6 +44,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not native.available():
+        raise SystemExit(
+            "the C++ extension could not be built (see the warning above); the loader's checks need it"
+        )
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     dense, _ = load_model_and_tokenizer()
@@ -68,7 +76,18 @@ def main() -> None:
 
         ops = ("prepare", "save", "load", "load+forward")
         times: dict[str, list[float]] = {f"{op} {k}": [] for op in ops for k in folders}
+        times |= {f"{op} hybrid-numpy": [] for op in ("load", "load+forward")}
         ids = torch.randint(0, dense.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+
+        def load(folder: Path) -> tuple[float, float]:
+            """Seconds to the loaded model and to the end of its first forward."""
+            start = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            loaded = time.perf_counter() - start
+            with torch.no_grad():
+                model(ids)
+            return loaded, time.perf_counter() - start
+
         for r in range(args.rounds + 1):
             kinds = list(folders)
             # the order turns every round: a save's time depends on the memory the one before freed (on this
@@ -84,25 +103,30 @@ def main() -> None:
                 start = time.perf_counter()
                 save(kind)
                 saved = time.perf_counter() - start
-                start = time.perf_counter()
-                model = AutoModelForCausalLM.from_pretrained(folders[kind])
-                loaded = time.perf_counter() - start
-                with torch.no_grad():
-                    model(ids)
-                answered = time.perf_counter() - start
-                del model
+                loaded, answered = load(folders[kind])
                 if r:  # round 0 warms the page cache and the imports
                     times[f"prepare {kind}"].append(prepared)
                     times[f"save {kind}"].append(saved)
                     times[f"load {kind}"].append(loaded)
                     times[f"load+forward {kind}"].append(answered)
+                if kind == "hybrid":
+                    os.environ[native.ENV] = "reference"
+                    try:
+                        loaded, answered = load(folders[kind])
+                    finally:
+                        del os.environ[native.ENV]
+                    if r:
+                        times["load hybrid-numpy"].append(loaded)
+                        times["load+forward hybrid-numpy"].append(answered)
     results = {"setup": vars(args) | {"threads": torch.get_num_threads()}, "seconds": {}}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         results["seconds"][name] = {"median": statistics.median(ts), "iqr": q[2] - q[0]}
     for op in ops:
         base = results["seconds"][f"{op} dense"]["median"]
-        for kind in ("hybrid", "compressed"):
+        for kind in ("hybrid", "hybrid-numpy", "compressed"):
+            if f"{op} {kind}" not in results["seconds"]:
+                continue
             entry = results["seconds"][f"{op} {kind}"]
             entry["x_dense"] = entry["median"] / base
             out(

@@ -234,6 +234,8 @@ PORTABLE = textwrap.dedent(
     import test_cpu_kernel as t
     for dtype in (torch.float32, torch.bfloat16):
         t.test_every_path_is_exact_against_the_dense_masked_product(dtype, 2)
+    import test_storage  # the load-time mask checks' portable loops
+    test_storage.test_native_mask_checks_agree_with_the_numpy_path()
     print("PORTABLE_OK")
     """
 )

@@ -209,7 +209,14 @@ def test_tier_code_out_of_range_is_rejected(saved):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
-def test_mask_weight_disagreement_is_rejected(saved):
+@pytest.mark.parametrize("checks", ["native", "numpy"])
+def test_mask_weight_disagreement_is_rejected(saved, checks, monkeypatch):
+    from hf_hybrid_sparse import native
+
+    if checks == "native":
+        assert native.load(), "the extension must build here (g++ is on this machine and in CI)"
+    else:
+        monkeypatch.setenv(native.ENV, "reference")
     with safe_open(str(saved / "model.safetensors"), "pt") as fh:
         w = fh.get_tensor("model.layers.1.self_attn.o_proj.weight")
     w[w == 0] = 0.5
@@ -381,8 +388,10 @@ _OUTCOMES: set[bool] = set()
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["dense", "topk", "nm"]))
 def test_byte_tier_check_agrees_with_check_hybrid(seed, broken):
-    """The loader's byte-counting check rejects exactly what ``check_hybrid`` rejects (16x16, 2:4)."""
-    from hf_hybrid_sparse.checkpoint.reader import _check_tiers_bytes
+    """The loader's byte-counting checks, NumPy's and the extension's, reject exactly what ``check_hybrid``
+    rejects (16x16, 2:4)."""
+    from hf_hybrid_sparse import native
+    from hf_hybrid_sparse.checkpoint.reader import _raise_tier_faults, _tier_faults_bytes, native_counts
     from hf_hybrid_sparse.pruning.patterns import DENSE, NM, TOPK, check_hybrid, expand_tiers
 
     g = torch.Generator().manual_seed(seed)
@@ -405,11 +414,14 @@ def test_byte_tier_check_agrees_with_check_hybrid(seed, broken):
     problems = check_hybrid(mask, tiers, 16, 2, 4, 5)
     bits = pack_bits(mask).numpy()
     _OUTCOMES.add(bool(problems))
+    assert native.load(), "the extension must build here (g++ is on this machine and in CI)"
+    faults = _tier_faults_bytes(bits, entry)
+    assert native_counts(entry, None, bits, True) == [int(mask.sum()), 0, *faults]
     if problems:
         with pytest.raises(StorageError, match="does not obey its tier map"):
-            _check_tiers_bytes("k", bits, entry)
+            _raise_tier_faults("k", entry, *faults)
     else:
-        _check_tiers_bytes("k", bits, entry)
+        assert faults == (0, 0, 0)
 
 
 @pytest.mark.parametrize("tiered", [True, False])
@@ -435,6 +447,107 @@ def test_kept_count_disagreeing_with_the_metadata_is_refused(tiered):
     weight[20, 1] = 1e-30  # pruned position (TOPK block keeping nothing / unstructured zero)
     with pytest.raises(StorageError, match="1 weights that the mask prunes are not zero"):
         verified_state("k", entry, mask, weight, bits)
+
+
+def test_native_mask_checks_agree_with_the_numpy_path():
+    """The extension's one-pass check (``csrc/mask_checks.cpp``) counts what the NumPy path counts: kept
+    weights, pruned weights that are not zero (-0.0 is zero, NaN is not) and tier faults, for every dtype,
+    odd shapes (a partial last byte) and the weight left out (offloaded)."""
+    import itertools
+
+    from hf_hybrid_sparse import hostops, native
+    from hf_hybrid_sparse.checkpoint import reader
+
+    assert native.load(), "the extension must build here (g++ is on this machine and in CI)"
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 32), (48, 80), (7, 13), (3, 5, 16)]
+    for shape, dtype, trial in itertools.product(
+        shapes, (torch.float32, torch.bfloat16, torch.float16), range(8)
+    ):
+        tiled = len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 16 == 0 and trial % 2 == 0
+        mask = torch.rand(shape, generator=g) < (0.05 + 0.9 * trial / 8)
+        weight = (torch.randn(shape, generator=g) * mask).to(
+            dtype
+        )  # pruned entries of negative draws are -0.0
+        if trial % 3 == 0:  # revived weights, in any position
+            weight[torch.rand(shape, generator=g) < 0.02] = 1.0
+        if trial % 4 == 2:
+            weight.view(-1)[-1] = float("nan")
+        tiers = (
+            torch.randint(0, 3, (shape[0] // 16, shape[1] // 16), generator=g, dtype=torch.int8)
+            if tiled
+            else None
+        )
+        entry = {"shape": shape, "tier_map": tiers, "topk_per_block": trial * 5}
+        bits = pack_bits(mask).numpy()
+        for w in (weight, None):
+            revived = 0 if w is None else int(hostops.popcount(hostops.nonzero_bits(w) & ~bits).sum())
+            faults = reader._tier_faults_bytes(bits, entry) if tiled else (0, 0, 0)
+            expected = [int(mask.sum()), revived, *faults]
+            assert reader.native_counts(entry, w, bits, tiled) == expected, (shape, dtype, trial)
+    # by hand: one of each fault in a 16x48 weight of tiers DENSE | NM | TOPK (top-1)
+    from hf_hybrid_sparse.pruning.patterns import DENSE, NM, TOPK
+
+    mask = torch.zeros(16, 48, dtype=torch.bool)
+    mask[:, :16] = True
+    mask[:, 16:32:2] = True
+    mask[0, 32] = True
+    mask[0, 1] = False  # DENSE block missing a weight
+    mask[3, 17] = True  # NM group of 4 keeping 3
+    mask[5, 40] = True  # TOPK block keeping 2 > 1
+    weight = torch.randn(16, 48) * mask
+    weight[9, 47] = -0.0
+    weight[10, 46] = float("nan")  # pruned and not zero
+    entry = {
+        "shape": (16, 48),
+        "tier_map": torch.tensor([[DENSE, NM, TOPK]], dtype=torch.int8),
+        "topk_per_block": 1,
+    }
+    bits = pack_bits(mask).numpy()
+    assert reader.native_counts(entry, weight, bits, True) == [int(mask.sum()), 1, 1, 1, 1]
+    assert reader._tier_faults_bytes(bits, entry) == (1, 1, 1)
+    assert int(hostops.popcount(hostops.nonzero_bits(weight) & ~bits).sum()) == 1
+
+
+def test_loading_without_a_built_extension_checks_in_numpy_and_builds_nothing(tmp_path):
+    """A first load on a machine without the extension's build does not compile it (a minute, for checks
+    of a fraction of a second): ``native.ready()`` is False and the NumPy checks run."""
+    model = pruned_tiny("llama", pattern="hybrid")
+    save_pretrained(model, tmp_path / "m")
+    script = textwrap.dedent(
+        f"""
+        import hf_hybrid_sparse
+        from hf_hybrid_sparse import native
+        from hf_hybrid_sparse.checkpoint import reader
+        from transformers import AutoModelForCausalLM
+        used = []
+        original = reader.native_counts
+        reader.native_counts = lambda *a: used.append(original(*a)) or used[-1]
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r})
+        assert used and all(u is None for u in used), used
+        print("READY", native.ready(), len(hf_hybrid_sparse.sparsity_masks(m)))
+        """
+    )
+    env = subprocess_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "READY False" in res.stdout
+    assert not any((tmp_path / "ext").rglob("*.so"))
+
+
+def test_loading_uses_the_built_extension_for_the_checks(tmp_path, monkeypatch):
+    from hf_hybrid_sparse import native
+    from hf_hybrid_sparse.checkpoint import reader
+
+    assert native.load() and native.ready()
+    model = pruned_tiny("llama", pattern="hybrid")
+    save_pretrained(model, tmp_path / "m")
+    used = []
+    original = reader.native_counts
+    monkeypatch.setattr(reader, "native_counts", lambda *a: used.append(original(*a)) or used[-1])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert len(used) == len(sparsity_masks(model)) and all(u is not None and u[1] == 0 for u in used)
+    _assert_same_state(model, loaded)
 
 
 def test_two_bit_codes_unpack_by_shifting_for_every_byte_and_round_trip():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from .. import native
 from ..bits import check_packed, pack_bits, unpack_bits
 from ..config import QUANT_METHOD, parse_nm
 from ..errors import ConfigError, StorageError
@@ -26,6 +27,8 @@ from ..hostops import count_true, nonzero_bits, popcount, scatter
 from ..pruning.patterns import DENSE, NM, TIER_NAMES, TOPK, check_hybrid
 from ..state import ParamSparsity, set_param_state
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, parse_metadata
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _unpack(key: str, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -195,6 +198,17 @@ def _resolve(model: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, to
     return module, pname, param
 
 
+def byte_rules(entry: dict) -> bool:
+    """Whether the tier rules of ``entry`` are counted on the packed bytes (2-D, 16x16 blocks, 2:4)."""
+    return (
+        entry["tier_map"] is not None
+        and len(entry["shape"]) == 2
+        and not entry["transposed"]
+        and entry["block_size"] == 16
+        and entry["nm"] == "2:4"
+    )
+
+
 def verified_state(
     key: str,
     entry: dict,
@@ -207,39 +221,40 @@ def verified_state(
     ``weight`` is the loaded parameter (``None`` or on ``meta`` when offloaded: its zeros are not checked).
     ``bits`` (the packed mask bytes, row-major, LSB first) lets the counts run on bytes: 8x less data.
     With ``mask=None`` (``bits`` given) the mask is unpacked only if a check needs it; otherwise the state
-    keeps it packed until first read (:meth:`ParamSparsity.from_bits`).
+    keeps it packed until first read (:meth:`ParamSparsity.from_bits`). The counts come from the
+    extension's one-pass check where it is built (:func:`native_counts`), else from NumPy.
     """
     if bits is None:
         bits = pack_bits(mask).numpy()
-    byte_rules = (
-        entry["tier_map"] is not None
-        and len(entry["shape"]) == 2
-        and not entry["transposed"]
-        and entry["block_size"] == 16
-        and entry["nm"] == "2:4"
-    )
-    # the tier rules count kept weights per block anyway: their sum is the kept count
-    counted = _segment_counts(bits, entry) if byte_rules else None
-    kept = int((counted[1] if counted else popcount(bits)).sum(dtype=np.int64))
+    by_bytes = byte_rules(entry)
+    if weight is not None and weight.device.type == "meta":
+        weight = None  # offloaded: its zeros cannot be checked here
+    faults = native_counts(entry, weight, bits, by_bytes)
+    if faults is not None:
+        kept, revived, *tier_faults = faults
+    else:
+        # the tier rules count kept weights per block anyway: their sum is the kept count
+        counted = _segment_counts(bits, entry) if by_bytes else None
+        kept = int((counted[1] if counted else popcount(bits)).sum(dtype=np.int64))
+        revived = 0 if weight is None else int(popcount(nonzero_bits(weight) & ~bits).sum(dtype=np.int64))
+        tier_faults = _tier_faults_bytes(bits, entry, counted) if by_bytes else None
     if kept != entry["kept"]:
         raise StorageError(f"{key}: the mask keeps {kept} weights, the metadata says {entry['kept']}.")
-    if weight is not None and weight.device.type != "meta":
-        revived = int(popcount(nonzero_bits(weight) & ~bits).sum(dtype=np.int64))
-        if revived:
-            raise StorageError(
-                f"{key}: {revived} weights that the mask prunes are not zero; the weights "
-                "and the mask disagree (edited or mixed-up checkpoint)."
-            )
+    if revived:
+        raise StorageError(
+            f"{key}: {revived} weights that the mask prunes are not zero; the weights "
+            "and the mask disagree (edited or mixed-up checkpoint)."
+        )
     needs_mask = entry["tier_map"] is not None or entry["pattern"] not in ("unstructured", "zeros")
-    if mask is None and needs_mask and not byte_rules:
+    if mask is None and needs_mask and not by_bytes:
         mask = _unpack(key, torch.from_numpy(bits), entry["shape"])  # the rules below read the mask
-    if byte_rules:
-        _check_tiers_bytes(key, bits, entry, counted)
+    if by_bytes:
+        _raise_tier_faults(key, entry, *tier_faults)
     elif entry["tier_map"] is not None:
         _check_tiers(key, mask, entry["tier_map"], entry)
     else:
         _check_pattern(key, mask, entry)
-    device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+    device = weight.device if weight is not None else torch.device("cpu")
     recipe = dict(
         tier_map=entry["tier_map"],
         pattern=entry["pattern"],
@@ -255,13 +270,16 @@ def verified_state(
 
 
 def restore_state(
-    model: torch.nn.Module, files: list[str], skip: set[str] | None = None, ckpt: Checkpoint | None = None
+    model: torch.nn.Module,
+    files: list[str],
+    skip: set[str] | None = None,
+    ckpt: Checkpoint | None = None,
 ) -> None:
     """Read masks and tier maps from safetensors ``files``, verify them, attach them to ``model``.
 
     Entries in ``skip`` (layers already restored another way, e.g. packed on load) are left out. ``ckpt``
     reuses an already parsed :class:`Checkpoint` of the same files. The checks of different layers run in
-    parallel (NumPy and torch release the GIL).
+    parallel (NumPy, torch and the extension release the GIL).
     """
     own = ckpt is None
     ckpt = Checkpoint(files) if own else ckpt
@@ -371,25 +389,56 @@ def _segment_counts(bits: np.ndarray, entry: dict) -> tuple[np.ndarray, np.ndarr
     return segments, popcount(segments).sum(axis=1, dtype=np.uint16)
 
 
-def _check_tiers_bytes(
-    key: str, bits: np.ndarray, entry: dict, counted: tuple[np.ndarray, np.ndarray] | None = None
-) -> None:
-    """:func:`check_hybrid` for a 2-D 16x16 2:4 entry, counted on the packed bytes (two per block row).
+def _tier_faults_bytes(
+    bits: np.ndarray, entry: dict, counted: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[int, int, int]:
+    """:func:`check_hybrid` for a 2-D 16x16 2:4 entry, counted on the packed bytes (two per block row):
+    the DENSE blocks missing weights, the TOPK blocks over top-K, the NM block-row groups of 4 over 2.
 
     ``counted`` is :func:`_segment_counts` of ``bits`` when the caller has it already.
     """
     tiers = entry["tier_map"].numpy()
     segments, counts = counted if counted is not None else _segment_counts(bits, entry)
-    if (counts[tiers == DENSE] != 256).any():
+    return (
+        int(np.count_nonzero(counts[tiers == DENSE] != 256)),
+        int(np.count_nonzero(counts[tiers == TOPK] > entry["topk_per_block"])),
+        int(np.count_nonzero(_over_2_of_4(segments).astype(bool) & (tiers == NM)[:, None, :])),
+    )
+
+
+def _raise_tier_faults(key: str, entry: dict, dense_bad: int, topk_bad: int, nm_bad: int) -> None:
+    if dense_bad:
         raise StorageError(f"{key}: the mask does not obey its tier map (a DENSE block has pruned weights).")
-    if (counts[tiers == TOPK] > entry["topk_per_block"]).any():
+    if topk_bad:
         raise StorageError(
             f"{key}: the mask does not obey its tier map (a TOPK block keeps more than {entry['topk_per_block']} weights)."
         )
-    if (_over_2_of_4(segments).astype(bool) & (tiers == NM)[:, None, :]).any():
+    if nm_bad:
         raise StorageError(
             f"{key}: the mask does not obey its tier map (an NM block has more than 2 of 4 kept)."
         )
+
+
+def native_counts(
+    entry: dict, weight: torch.Tensor | None, bits: np.ndarray, byte_rules: bool
+) -> list[int] | None:
+    """``[kept, revived, DENSE faults, TOPK faults, NM faults]`` from the extension's one-pass check
+    (``csrc/mask_checks.cpp``; the tier faults only under ``byte_rules``), or ``None`` where it does not
+    apply: not built, a weight off the CPU, not contiguous or of another dtype (the NumPy path then)."""
+    if weight is not None and (
+        weight.device.type != "cpu" or weight.dtype not in NATIVE_DTYPES or not weight.is_contiguous()
+    ):
+        return None
+    if not native.ready():
+        return None
+    counts = torch.ops.hf_hybrid_sparse.check_mask(
+        None if weight is None else weight.detach(),
+        torch.from_numpy(bits),
+        list(entry["shape"]),
+        entry["tier_map"] if byte_rules else None,
+        int(entry["topk_per_block"] or 0),
+    )
+    return list(counts) if byte_rules else [*counts[:2], 0, 0, 0]
 
 
 def _check_tiers(key: str, mask: torch.Tensor, tiers: torch.Tensor, entry: dict) -> None:
