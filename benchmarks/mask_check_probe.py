@@ -3,10 +3,10 @@
     python benchmarks/mask_check_probe.py [--rounds 9]
 
 Saves the embedded model pruned hybrid (magnitude) once, then per round and variant maps the file afresh
-(so the weights' pages are first touched by the checks, as in a load) and times checking all pruned
-weights: the extension's one-pass check (``csrc/mask_checks.cpp``); the same after asking the kernel to
-populate the mappings first (``MADV_POPULATE_READ``, Linux >= 5.14); and the NumPy checks. Variants are
-interleaved, the order turned every round; medians with the interquartile range.
+and times checking all pruned weights: the extension's one-pass check (``csrc/mask_checks.cpp``); the same after asking the kernel to
+populate the mappings first (``MADV_POPULATE_READ``, Linux >= 5.14); and the NumPy checks. A second pass
+over the same weights gives each variant's work without any first touch of the pages. Variants are interleaved,
+the order turned every round; medians with the interquartile range.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     apply_hybrid_sparsity(model, HybridSparseConfig(method="magnitude", pattern="hybrid"))
     variants = ("one-pass", "populate + one-pass", "numpy")
     times: dict[str, list[float]] = {v: [] for v in variants}
+    again: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, Path(tmp))
         files = [str(f) for f in Path(tmp).glob("*.safetensors")]
@@ -70,8 +71,12 @@ def main() -> None:
                             _populate(w)
                     for key, entry in entries.items():
                         verified_state(key, entry, None, weights[key], masks[key])
+                    first = time.perf_counter()
+                    for key, entry in entries.items():  # again, the pages mapped now: the checks' own work
+                        verified_state(key, entry, None, weights[key], masks[key])
                     if r:
-                        times[variant].append(time.perf_counter() - start)
+                        times[variant].append(first - start)
+                        again[variant].append(time.perf_counter() - first)
                     del weights
         os.environ.pop(native.ENV, None)
     base = statistics.median(times["one-pass"])
@@ -79,7 +84,8 @@ def main() -> None:
         q = statistics.quantiles(ts, n=4)
         med = statistics.median(ts)
         out(
-            f"{variant}: {med:.4f} s (IQR {q[2] - q[0]:.4f}) for {len(entries)} weights, x{med / base:.2f} one-pass"
+            f"{variant}: {med:.4f} s (IQR {q[2] - q[0]:.4f}) for {len(entries)} weights, x{med / base:.2f} one-pass; "
+            f"a second pass over the same mapped weights {statistics.median(again[variant]):.4f} s"
         )
 
 
