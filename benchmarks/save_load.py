@@ -11,9 +11,9 @@ weights, tier maps), so the ratio is the price of the sparsity state. A dense lo
 timed up to the end of a first 16-token forward ("load+forward"): the time until the model has answered.
 "prepare" times what a save computes before it writes (the state dict with masks, checks and header),
 the package's own part of a save: writing the files varies with the machine's memory far more.
-The loader checks through the C++ extension's one-pass check (built first if needed); each round also
-loads the hybrid folder once more with the NumPy checks (``HF_HYBRID_SPARSE_KERNEL=reference``), as
-"hybrid-numpy".
+Saves and loads check through the C++ extension's one-pass check (built first if needed); each round
+also prepares and loads the hybrid model once more with the NumPy checks
+(``HF_HYBRID_SPARSE_KERNEL=reference``), as "hybrid-numpy".
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
 
         ops = ("prepare", "save", "load", "load+forward")
         times: dict[str, list[float]] = {f"{op} {k}": [] for op in ops for k in folders}
-        times |= {f"{op} hybrid-numpy": [] for op in ("load", "load+forward")}
+        times |= {f"{op} hybrid-numpy": [] for op in ("prepare", "load", "load+forward")}
         ids = torch.randint(0, dense.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
 
         def load(folder: Path) -> tuple[float, float]:
@@ -112,10 +112,14 @@ def main() -> None:
                 if kind == "hybrid":
                     os.environ[native.ENV] = "reference"
                     try:
+                        start = time.perf_counter()
+                        prepare(kind)
+                        prepared = time.perf_counter() - start
                         loaded, answered = load(folders[kind])
                     finally:
                         del os.environ[native.ENV]
                     if r:
+                        times["prepare hybrid-numpy"].append(prepared)
                         times["load hybrid-numpy"].append(loaded)
                         times["load+forward hybrid-numpy"].append(answered)
     results = {"setup": vars(args) | {"threads": torch.get_num_threads()}, "seconds": {}}

@@ -611,6 +611,23 @@ def test_loaded_masks_stay_packed_until_first_read(tmp_path):
     _assert_same_state(model, copied)  # a copy made while packed unpacks on its own
 
 
+def test_saving_a_loaded_model_writes_its_packed_masks_without_unpacking(tmp_path):
+    model = pruned_tiny("llama")
+    save_pretrained(model, tmp_path / "a")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    states = [s for _, _, _, s in iter_sparse_params(loaded)]
+    save_pretrained(loaded, tmp_path / "b")
+    assert states and all("mask" not in s.__dict__ for s in states)  # the save read the bits as stored
+    with (
+        safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as b,
+    ):
+        names = sorted(a.keys())
+        assert names == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in names)
+    _assert_same_state(model, AutoModelForCausalLM.from_pretrained(tmp_path / "b"))
+
+
 def test_states_compare_by_value_packed_or_not(tmp_path):
     # a loaded state (mask still bit-packed) equals the saved one; one flipped mask entry or another recipe
     # field makes them differ (the generated dataclass __eq__ raised on any mask of more than one entry)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bits import unpack_bits
+from .bits import pack_bits, unpack_bits
 from .hostops import count_outside
 
 STATE_ATTR = "hf_hybrid_sparse"
@@ -80,6 +80,19 @@ class ParamSparsity:
         self.__dict__["mask"] = mask
         self.__dict__.pop("_packed", None)  # another thread may have unpacked it too: same mask
         return mask
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The mask's shape (the parameter's), without unpacking a mask still packed."""
+        packed = self.__dict__.get("_packed")
+        return packed[1] if packed is not None else tuple(self.mask.shape)
+
+    def packed_bits(self) -> np.ndarray:
+        """The mask bit-packed (row-major, 8 per byte, LSB first), without unpacking a mask still packed.
+
+        The caller must not modify the array: the state may hold it."""
+        packed = self.__dict__.get("_packed")
+        return packed[0] if packed is not None else pack_bits(self.mask).numpy()
 
     def __eq__(self, other: object) -> bool:
         # the generated dataclass __eq__ compared masks with ``==`` and raised on any mask of more than

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,7 +15,21 @@ from ..hostops import popcount, select
 from ..kernels.linear import HybridSparseLinear
 from ..state import ParamSparsity, iter_sparse_params, revived_count
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, encode_mask_index, encode_metadata, encode_tier_map
-from .reader import non_dense
+from .reader import native_counts, non_dense
+
+
+def _kept_and_revived(param: Any, state: ParamSparsity, bits: np.ndarray) -> tuple[int, int]:
+    """Kept weights of the mask (``bits``, packed) and pruned weights of ``param`` that are not zero, in one
+    pass of the extension where it is built (:func:`.reader.native_counts`); no tensor, an offloaded one or
+    another shape has nothing to check (whoever uses the mask reports a mismatch)."""
+    shape = state.shape
+    weight = param if isinstance(param, torch.Tensor) and param.device.type != "meta" else None
+    if weight is not None and tuple(weight.shape) != shape:
+        weight = None
+    counts = native_counts({"shape": shape, "tier_map": None, "topk_per_block": 0}, weight, bits, False)
+    if counts is not None:
+        return counts[0], counts[1]
+    return int(popcount(bits).sum(dtype=np.int64)), revived_count(weight, state, bits)
 
 
 def sparse_state_dict(
@@ -48,12 +63,11 @@ def sparse_state_dict(
         """Revived count, kept count, packed mask and (compressed) kept values of one entry; reading every
         pruned weight is most of a save's own work, so entries run on threads (NumPy releases the GIL)."""
         key, state, param = job
-        bits = pack_bits(state.mask)
-        revived = revived_count(param, state, bits.numpy())
+        bits = state.packed_bits()
+        kept, revived = _kept_and_revived(param, state, bits)
         if revived:
             return revived, 0, None, None
-        kept = int(popcount(bits.numpy()).sum(dtype=np.int64))
-        packed = bits
+        packed = torch.from_numpy(bits)
         if compressed and state.tier_map is not None:
             # DENSE blocks are all kept: their mask bits carry nothing, store only the others
             informative = non_dense(state.tier_map, state.block_size, state.transposed, state.mask.shape)
@@ -75,14 +89,14 @@ def sparse_state_dict(
     for index, ((key, state, _), (_, kept, packed, values)) in enumerate(zip(entries, results)):
         mask_key = f"{MASK_PREFIX}{index:05d}"
         modules[key] = {
-            "shape": list(state.mask.shape),
+            "shape": list(state.shape),
             "transposed": state.transposed,
             "pattern": state.pattern,
             "method": state.method,
             "block_size": state.block_size,
             "nm": state.nm,
             "topk_per_block": state.topk_per_block,
-            "numel": state.mask.numel(),
+            "numel": math.prod(state.shape),
             "kept": kept,
             "mask": mask_key,
             "values": None,
