@@ -8,7 +8,8 @@ full fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense
 ``--ce`` also the same steps with plain cross-entropy, for comparison; ``--ce_weight`` adds the labels'
 cross-entropy to the KL; ``--dense_ce`` / ``--dense_kd`` give the dense model the same cross-entropy /
 distillation steps (the equally trained reference); ``--layer_allocation owl`` spreads the 50% over layers
-by OWL; ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
+by OWL (``--owl_lambda``: its largest shift, part of the name when not 0.08); ``--oneshot_only`` prunes and
+measures without recovery steps; ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
 ``--reconstruction_epochs`` adds block-wise reconstruction (calibration batches of 4) to every pruning.
 progressive: SparseGPT hybrid, row tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations
 (0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or
@@ -93,6 +94,12 @@ def main() -> None:
     ap.add_argument(
         "--layer_allocation", default="uniform", help="uniform or owl, for the unstructured pruning"
     )
+    ap.add_argument(
+        "--owl_lambda", type=float, default=0.08, help="OWL's largest density shift of a block (default 0.08)"
+    )
+    ap.add_argument(
+        "--oneshot_only", action="store_true", help="prune and measure only, no recovery steps (sweeps)"
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=24)
@@ -175,9 +182,12 @@ def main() -> None:
     if "unstructured" in parts:
         for method in args.methods.split(","):
             owl = " (owl)" if args.layer_allocation != "uniform" else ""
+            if owl and args.owl_lambda != 0.08:
+                owl = f" (owl, lambda {args.owl_lambda:g})"
             key = f"{method} unstructured 50%{owl}{tag}"
             wanted = [key, f"{key} + {args.steps} steps KD{steps_tag}"]
             wanted += [f"{key} + {args.steps} steps CE{steps_tag}"] if args.ce else []
+            wanted = wanted[:1] if args.oneshot_only else wanted
             if all(k in results for k in wanted):  # a rerun adds only what is missing: no pruning for nothing
                 continue
             pruned = copy.deepcopy(model)
@@ -186,12 +196,15 @@ def main() -> None:
                 pattern="unstructured",
                 sparsity=0.5,
                 layer_allocation=args.layer_allocation,
+                owl_lambda=args.owl_lambda,
                 **calib,
             )
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
             if key not in results:
                 results[key] = {"perplexity": ppl(pruned), "sparsity": report.sparsity}
                 save()
+            if args.oneshot_only:
+                continue
             if args.ce:
                 run(f"{key} + {args.steps} steps CE{steps_tag}", copy.deepcopy(pruned), args.steps, kd=False)
             run(f"{key} + {args.steps} steps KD{steps_tag}", pruned, args.steps, kd=True)

@@ -61,3 +61,15 @@ def _package_logs_reach_caplog():
     hf_logging.enable_propagation()
     yield
     hf_logging.disable_propagation()
+
+
+@pytest.fixture(params=["native", "numpy"])
+def checks(request, monkeypatch):
+    """Run a test once with the extension's one-pass mask checks and once with the NumPy ones."""
+    from hf_hybrid_sparse import native
+
+    if request.param == "native":
+        assert native.load(), "the extension must build here (g++ is on this machine and in CI)"
+    else:
+        monkeypatch.setenv(native.ENV, "reference")
+    return request.param
