@@ -8,8 +8,9 @@ full fine-tuning steps of 4 x 256 tokens (train split) distilling from the dense
 ``--ce`` also the same steps with plain cross-entropy, for comparison; ``--ce_weight`` adds the labels'
 cross-entropy to the KL; ``--dense_ce`` / ``--dense_kd`` give the dense model the same cross-entropy /
 distillation steps (the equally trained reference); ``--layer_allocation owl`` spreads the 50% over layers
-by OWL (``--owl_lambda``: its largest shift, part of the name when not 0.08); ``--oneshot_only`` prunes and
-measures without recovery steps; ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
+by OWL (``--owl_lambda``: its largest shift, ``--owl_threshold``: its outlier threshold M; part of the
+name when not 0.08 and 5); ``--oneshot_only`` prunes and
+measures without recovery steps; ``--nsamples`` sets the calibration windows (part of the name when not 32); ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
 ``--reconstruction_epochs`` adds block-wise reconstruction (calibration batches of 4) to every pruning.
 progressive: SparseGPT hybrid, row tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations
 (0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or
@@ -98,6 +99,10 @@ def main() -> None:
         "--owl_lambda", type=float, default=0.08, help="OWL's largest density shift of a block (default 0.08)"
     )
     ap.add_argument(
+        "--owl_threshold", type=float, default=5.0, help="OWL's outlier threshold M, x the mean (default 5)"
+    )
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
+    ap.add_argument(
         "--oneshot_only", action="store_true", help="prune and measure only, no recovery steps (sweeps)"
     )
     ap.add_argument("--batch", type=int, default=4)
@@ -135,15 +140,15 @@ def main() -> None:
     # the unstructured runs' training windows (the progressive runs draw their own); windows are the
     # corpus's first ones, so the same steps always see the same data
     data = lm_dataset("wiki_offline", tok, args.seqlen, max_samples=args.steps * args.batch)
-    calib = dict(nsamples=32, seqlen=512)
-    tag = ""
+    calib = dict(nsamples=args.nsamples, seqlen=512)
+    tag = "" if args.nsamples == 32 else f" (calibration {args.nsamples} x 512)"
     if args.reconstruction_epochs:
         calib |= dict(
             reconstruction_epochs=args.reconstruction_epochs,
             reconstruction_lr=args.reconstruction_lr,
             batch_size=4,
         )
-        tag = f" + reconstruction {args.reconstruction_epochs} ep lr {args.reconstruction_lr:g}"
+        tag += f" + reconstruction {args.reconstruction_epochs} ep lr {args.reconstruction_lr:g}"
     # the learning rate of the recovery steps is part of a result's name when it is not the default
     steps_tag = "" if args.lr == 1e-4 else f" (lr {args.lr:g})"
     if args.temperature != 2.0:
@@ -182,8 +187,8 @@ def main() -> None:
     if "unstructured" in parts:
         for method in args.methods.split(","):
             owl = " (owl)" if args.layer_allocation != "uniform" else ""
-            if owl and args.owl_lambda != 0.08:
-                owl = f" (owl, lambda {args.owl_lambda:g})"
+            if owl and (args.owl_lambda != 0.08 or args.owl_threshold != 5.0):
+                owl = f" (owl, lambda {args.owl_lambda:g}, M {args.owl_threshold:g})"
             key = f"{method} unstructured 50%{owl}{tag}"
             wanted = [key, f"{key} + {args.steps} steps KD{steps_tag}"]
             wanted += [f"{key} + {args.steps} steps CE{steps_tag}"] if args.ce else []
@@ -197,6 +202,7 @@ def main() -> None:
                 sparsity=0.5,
                 layer_allocation=args.layer_allocation,
                 owl_lambda=args.owl_lambda,
+                owl_threshold=args.owl_threshold,
                 **calib,
             )
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
