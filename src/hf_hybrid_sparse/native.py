@@ -1,4 +1,4 @@
-"""The package's C++ extension (``csrc/hybrid_cpu.cpp``): built on first use, registered as torch custom ops.
+"""The package's C++ extension (``csrc/*.cpp``): built on first use, registered as torch custom ops.
 
 Ops: ``hybrid_linear`` / ``hybrid_unpack`` (the packed format's CPU kernel, used by :mod:`.kernels`),
 ``sparsegpt_chunk`` (the sequential part of SparseGPT's column loop, used by :mod:`.pruning.sparsegpt`) and

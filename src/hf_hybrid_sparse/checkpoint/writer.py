@@ -61,7 +61,8 @@ def sparse_state_dict(
 
     def stored(job: tuple[str, ParamSparsity, Any]) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
         """Revived count, kept count, packed mask and (compressed) kept values of one entry; reading every
-        pruned weight is most of a save's own work, so entries run on threads (NumPy releases the GIL)."""
+        pruned weight is most of a save's own work, so entries run on threads (NumPy and the extension release
+        the GIL)."""
         key, state, param = job
         bits = state.packed_bits()
         kept, revived = _kept_and_revived(param, state, bits)
