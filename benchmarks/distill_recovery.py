@@ -10,7 +10,9 @@ cross-entropy to the KL; ``--dense_ce`` / ``--dense_kd`` give the dense model th
 distillation steps (the equally trained reference); ``--layer_allocation owl`` spreads the 50% over layers
 by OWL (``--owl_lambda``: its largest shift, ``--owl_threshold``: its outlier threshold M; part of the
 name when not 0.08 and 5); ``--oneshot_only`` prunes and
-measures without recovery steps; ``--nsamples`` sets the calibration windows (part of the name when not 32); ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
+measures without recovery steps; ``--nsamples`` sets the calibration windows (part of the name when not 32); ``--gradual S`` prunes to S
+first, spends half the steps, then prunes to 50% and spends the other half (a learning-rate schedule
+restarts for each half); ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
 ``--reconstruction_epochs`` adds block-wise reconstruction (calibration batches of 4) to every pruning.
 progressive: SparseGPT hybrid, row tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations
 (0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or
@@ -103,6 +105,13 @@ def main() -> None:
     )
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
     ap.add_argument(
+        "--gradual",
+        type=float,
+        default=None,
+        help="unstructured in two steps: prune to this sparsity, half the recovery steps, prune to 50%% "
+        "(the first mask kept), the other half on the next windows",
+    )
+    ap.add_argument(
         "--oneshot_only", action="store_true", help="prune and measure only, no recovery steps (sweeps)"
     )
     ap.add_argument("--batch", type=int, default=4)
@@ -179,6 +188,42 @@ def main() -> None:
         save()
         out(f"{name}: {results[name]}")
 
+    def gradual(key: str, cfg: HybridSparseConfig) -> None:
+        """Prune to ``--gradual``, distil half the steps, prune to 50% (earlier pruned weights stay
+        pruned), distil the other half on the next windows: the same 100 steps and data in all."""
+        name = (
+            f"{key.replace('50%', f'{args.gradual:g} -> 50%', 1)} gradual + {args.steps} steps KD{steps_tag}"
+        )
+        if name in results:
+            return
+        half = args.steps // 2
+        pruned = copy.deepcopy(model)
+        first = apply_hybrid_sparsity(
+            pruned,
+            HybridSparseConfig.from_dict(cfg.to_dict() | {"sparsity": args.gradual}),
+            "wiki_offline",
+            tokenizer=tok,
+        )
+        kw = {"teacher_model": teacher, "distillation": distill}
+        sched = {"lr_scheduler_type": args.lr_scheduler, "warmup_steps": args.warmup_steps}
+        seconds = train(pruned, data.select(range(half * args.batch)), half, args.batch, args.lr, kw, **sched)
+        middle = ppl(pruned)
+        second = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
+        pruned_again = ppl(pruned)
+        rest = data.select(range(half * args.batch, args.steps * args.batch))
+        seconds += train(pruned, rest, args.steps - half, args.batch, args.lr, kw, **sched)
+        results[name] = {
+            "perplexity": ppl(pruned),
+            "sparsity": second.sparsity,
+            "first_sparsity": first.sparsity,
+            "after_first_half": middle,
+            "after_second_pruning": pruned_again,
+            "train_seconds": seconds,
+            "revived": _revived(pruned),
+        }
+        save()
+        out(f"{name}: {results[name]}")
+
     parts = args.parts.split(",")
     if args.dense_ce:
         run(f"dense + {args.steps} steps CE{steps_tag}", copy.deepcopy(model), args.steps, kd=False)
@@ -193,9 +238,6 @@ def main() -> None:
             wanted = [key, f"{key} + {args.steps} steps KD{steps_tag}"]
             wanted += [f"{key} + {args.steps} steps CE{steps_tag}"] if args.ce else []
             wanted = wanted[:1] if args.oneshot_only else wanted
-            if all(k in results for k in wanted):  # a rerun adds only what is missing: no pruning for nothing
-                continue
-            pruned = copy.deepcopy(model)
             cfg = HybridSparseConfig(
                 method=method,
                 pattern="unstructured",
@@ -205,6 +247,12 @@ def main() -> None:
                 owl_threshold=args.owl_threshold,
                 **calib,
             )
+            if args.gradual is not None:
+                gradual(key, cfg)
+                continue
+            if all(k in results for k in wanted):  # a rerun adds only what is missing: no pruning for nothing
+                continue
+            pruned = copy.deepcopy(model)
             report = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
             if key not in results:
                 results[key] = {"perplexity": ppl(pruned), "sparsity": report.sparsity}
