@@ -169,21 +169,14 @@ def main() -> None:
     if args.lr_scheduler != "constant" or args.warmup_steps:
         steps_tag += f" ({args.lr_scheduler}, warmup {args.warmup_steps})"
 
+    kd_kwargs = {"teacher_model": teacher, "distillation": distill}
+    sched = {"lr_scheduler_type": args.lr_scheduler, "warmup_steps": args.warmup_steps}
+
     def run(name, pruned, steps, kd: bool):
         if name in results:
             return
-        kw = {"teacher_model": teacher, "distillation": distill} if kd else {}
         subset = data.select(range(min(len(data), steps * args.batch)))
-        seconds = train(
-            pruned,
-            subset,
-            steps,
-            args.batch,
-            args.lr,
-            trainer_kwargs=kw,
-            lr_scheduler_type=args.lr_scheduler,
-            warmup_steps=args.warmup_steps,
-        )
+        seconds = train(pruned, subset, steps, args.batch, args.lr, kd_kwargs if kd else {}, **sched)
         results[name] = {"perplexity": ppl(pruned), "train_seconds": seconds, "revived": _revived(pruned)}
         save()
         out(f"{name}: {results[name]}")
@@ -204,14 +197,13 @@ def main() -> None:
             "wiki_offline",
             tokenizer=tok,
         )
-        kw = {"teacher_model": teacher, "distillation": distill}
-        sched = {"lr_scheduler_type": args.lr_scheduler, "warmup_steps": args.warmup_steps}
-        seconds = train(pruned, data.select(range(half * args.batch)), half, args.batch, args.lr, kw, **sched)
+        first_half = data.select(range(half * args.batch))
+        seconds = train(pruned, first_half, half, args.batch, args.lr, kd_kwargs, **sched)
         middle = ppl(pruned)
         second = apply_hybrid_sparsity(pruned, cfg, "wiki_offline", tokenizer=tok)
         pruned_again = ppl(pruned)
         rest = data.select(range(half * args.batch, args.steps * args.batch))
-        seconds += train(pruned, rest, args.steps - half, args.batch, args.lr, kw, **sched)
+        seconds += train(pruned, rest, args.steps - half, args.batch, args.lr, kd_kwargs, **sched)
         results[name] = {
             "perplexity": ppl(pruned),
             "sparsity": second.sparsity,

@@ -223,15 +223,21 @@ def tier_maps(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def revived_count(param: object, state: ParamSparsity, keep_bits: np.ndarray | None = None) -> int:
-    """Pruned weights of ``param`` that are not zero; 0 where there is nothing to check (no tensor, offloaded
-    to ``meta``, or a shape mismatch, which whoever uses the mask reports). ``keep_bits``: the mask packed
-    as :func:`~hf_hybrid_sparse.hostops.count_outside` takes it, when the caller has it already."""
+def checkable_weight(param: object, state: ParamSparsity) -> torch.Tensor | None:
+    """``param`` if its pruned weights can be checked against ``state``'s mask; ``None`` where there is
+    nothing to check (no tensor, offloaded to ``meta``, or a shape mismatch, which whoever uses the mask
+    reports)."""
     if not isinstance(param, torch.Tensor) or param.device.type == "meta":
-        return 0
-    if tuple(param.shape) != tuple(state.mask.shape):
-        return 0
-    return count_outside(param, state.mask, keep_bits)
+        return None
+    return param if tuple(param.shape) == state.shape else None
+
+
+def revived_count(param: object, state: ParamSparsity, keep_bits: np.ndarray | None = None) -> int:
+    """Pruned weights of ``param`` that are not zero; 0 where there is nothing to check
+    (:func:`checkable_weight`). ``keep_bits``: the mask packed as
+    :func:`~hf_hybrid_sparse.hostops.count_outside` takes it, when the caller has it already."""
+    weight = checkable_weight(param, state)
+    return 0 if weight is None else count_outside(weight, state.mask, keep_bits)
 
 
 @torch.no_grad()

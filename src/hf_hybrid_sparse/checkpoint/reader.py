@@ -423,7 +423,7 @@ def native_counts(
     entry: dict, weight: torch.Tensor | None, bits: np.ndarray, byte_rules: bool
 ) -> list[int] | None:
     """``[kept, revived, DENSE faults, TOPK faults, NM faults]`` from the extension's one-pass check
-    (``csrc/mask_checks.cpp``; the tier faults only under ``byte_rules``), or ``None`` where it does not
+    (``csrc/mask_checks.cpp``; the tier faults are 0 unless ``byte_rules``), or ``None`` where it does not
     apply: not built, a weight off the CPU, not contiguous or of another dtype (the NumPy path then)."""
     if weight is not None and (
         weight.device.type != "cpu" or weight.dtype not in NATIVE_DTYPES or not weight.is_contiguous()
@@ -438,7 +438,7 @@ def native_counts(
         entry["tier_map"] if byte_rules else None,
         int(entry["topk_per_block"] or 0),
     )
-    return list(counts) if byte_rules else [*counts[:2], 0, 0, 0]
+    return list(counts)
 
 
 def _check_tiers(key: str, mask: torch.Tensor, tiers: torch.Tensor, entry: dict) -> None:

@@ -13,20 +13,17 @@ from ..bits import pack_bits
 from ..errors import StorageError
 from ..hostops import popcount, select
 from ..kernels.linear import HybridSparseLinear
-from ..state import ParamSparsity, iter_sparse_params, revived_count
+from ..state import ParamSparsity, checkable_weight, iter_sparse_params, revived_count
 from .format import INDEX_KEY, MASK_PREFIX, METADATA_KEY, encode_mask_index, encode_metadata, encode_tier_map
 from .reader import native_counts, non_dense
 
 
 def _kept_and_revived(param: Any, state: ParamSparsity, bits: np.ndarray) -> tuple[int, int]:
     """Kept weights of the mask (``bits``, packed) and pruned weights of ``param`` that are not zero, in one
-    pass of the extension where it is built (:func:`.reader.native_counts`); no tensor, an offloaded one or
-    another shape has nothing to check (whoever uses the mask reports a mismatch)."""
-    shape = state.shape
-    weight = param if isinstance(param, torch.Tensor) and param.device.type != "meta" else None
-    if weight is not None and tuple(weight.shape) != shape:
-        weight = None
-    counts = native_counts({"shape": shape, "tier_map": None, "topk_per_block": 0}, weight, bits, False)
+    pass of the extension where it is built (:func:`.reader.native_counts`); a parameter that
+    :func:`~hf_hybrid_sparse.state.checkable_weight` leaves out has nothing to check."""
+    weight = checkable_weight(param, state)
+    counts = native_counts({"shape": state.shape, "tier_map": None, "topk_per_block": 0}, weight, bits, False)
     if counts is not None:
         return counts[0], counts[1]
     return int(popcount(bits).sum(dtype=np.int64)), revived_count(weight, state, bits)
