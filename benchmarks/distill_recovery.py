@@ -13,7 +13,9 @@ name when not 0.08 and 5); ``--oneshot_only`` prunes and
 measures without recovery steps; ``--nsamples`` sets the calibration windows (part of the name when not 32); ``--gradual S`` prunes to S
 first, spends half the steps, then prunes to 50% and spends the other half (a learning-rate schedule
 restarts for each half); ``--hidden_weight`` adds the per-block normalised hidden-state loss to the KL;
-``--reconstruction_epochs`` adds block-wise reconstruction (calibration batches of 4) to every pruning.
+``--reconstruction_epochs`` adds block-wise reconstruction (calibration batches of 4) to every pruning;
+``--lora_r R`` recovers the unstructured models through mask-aware LoRA of rank R (alpha 2R, all 7
+projections, merged before the evaluation) instead of full fine-tuning.
 progressive: SparseGPT hybrid, row tiers, OWL allocation, to (0.35, 0.45, 0.20) in three iterations
 (0.7/0.3/0 -> 0.5/0.4/0.1 -> 0.35/0.45/0.2), ``--progressive_steps`` distillation steps after each (or
 ``--progressive_split``'s count after each). Perplexity on held-out test-split windows of 256 tokens; every
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 from _common import machine, out, smollm2_perplexity, train
+from peft import LoraConfig
 from transformers.utils import logging as hf_logging
 
 from hf_hybrid_sparse import (
@@ -39,6 +42,8 @@ from hf_hybrid_sparse import (
     HybridSparseConfig,
     apply_hybrid_sparsity,
     dense_teacher,
+    get_sparse_peft_model,
+    merge_sparse_lora,
     sparsity_masks,
 )
 from hf_hybrid_sparse.data.calibration import lm_dataset
@@ -46,6 +51,7 @@ from hf_hybrid_sparse.models import load_model_and_tokenizer
 from hf_hybrid_sparse.training.progressive import ProgressiveSettings, run_progressive
 from hf_hybrid_sparse.training.schedule import Iteration
 
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCHEDULE = [(0.7, 0.3, 0.0), (0.5, 0.4, 0.1), (0.35, 0.45, 0.2)]
 
 
@@ -114,6 +120,13 @@ def main() -> None:
     ap.add_argument(
         "--oneshot_only", action="store_true", help="prune and measure only, no recovery steps (sweeps)"
     )
+    ap.add_argument(
+        "--lora_r",
+        type=int,
+        default=0,
+        help="recover through mask-aware LoRA of this rank on all 7 projections (merged before the "
+        "evaluation) instead of full fine-tuning",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=24)
@@ -168,6 +181,8 @@ def main() -> None:
         steps_tag += f" + CE {args.ce_weight:g}"
     if args.lr_scheduler != "constant" or args.warmup_steps:
         steps_tag += f" ({args.lr_scheduler}, warmup {args.warmup_steps})"
+    if args.lora_r:
+        steps_tag += f" (LoRA r {args.lora_r})"
 
     kd_kwargs = {"teacher_model": teacher, "distillation": distill}
     sched = {"lr_scheduler_type": args.lr_scheduler, "warmup_steps": args.warmup_steps}
@@ -176,7 +191,13 @@ def main() -> None:
         if name in results:
             return
         subset = data.select(range(min(len(data), steps * args.batch)))
+        if args.lora_r:
+            pruned = get_sparse_peft_model(
+                pruned, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=PROJECTIONS)
+            )
         seconds = train(pruned, subset, steps, args.batch, args.lr, kd_kwargs if kd else {}, **sched)
+        if args.lora_r:
+            pruned, _ = merge_sparse_lora(pruned)
         results[name] = {"perplexity": ppl(pruned), "train_seconds": seconds, "revived": _revived(pruned)}
         save()
         out(f"{name}: {results[name]}")
