@@ -42,6 +42,7 @@ SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 }
 L3_BYTES = 32 << 20
+PREFILL_L2 = 640 << 10  # the kernel's default
 
 
 def _hybrid(out_f: int, in_f: int, dtype: torch.dtype, seed: int):
@@ -53,12 +54,22 @@ def _hybrid(out_f: int, in_f: int, dtype: torch.dtype, seed: int):
     return w, [pack(w, mask, tiers, 15).tensors[f] for f in FIELDS]
 
 
+def _panels(x: torch.Tensor, tensors: list[torch.Tensor], out_f: int) -> torch.Tensor:
+    torch.ops.hf_hybrid_sparse.set_prefill(1, PREFILL_L2)
+    try:
+        return cpu.linear(x, tensors, None, out_f, 15)
+    finally:
+        torch.ops.hf_hybrid_sparse.set_prefill(0, PREFILL_L2)
+
+
 def _candidates(w: torch.Tensor, tensors: list[torch.Tensor]):
     """name -> (object holding the weight, call(x))"""
     out_f = w.shape[0]
     cands = {
         "dense": lambda x, w=w: torch.nn.functional.linear(x, w),
         "hybrid": lambda x, t=tensors: cpu.linear(x, t, None, out_f, 15),
+        # prefill's other path (unpacked panels and the BLAS, the only one before the block-sparse tiles)
+        "hybrid_panels": lambda x, t=tensors: _panels(x, t, out_f),
     }
     for name, make in (("csr", lambda: w.to_sparse_csr()), ("bsr16", lambda: w.to_sparse_bsr((16, 16)))):
         try:
@@ -86,8 +97,8 @@ def layer_table(shapes, tokens, dtypes, rounds) -> list[dict]:
                 k = 0
                 for r in range(reps + 1):
                     for n in names:
-                        if n not in per_copy[k % copies]:
-                            continue
+                        if n not in per_copy[k % copies] or (n == "hybrid_panels" and t <= 16):
+                            continue  # (below 17 tokens there is one path)
                         fn = per_copy[k % copies][n]
                         k += 1
                         start = time.perf_counter()

@@ -88,6 +88,29 @@ def test_prefill_split_into_many_panels_is_exact():
         torch.ops.hf_hybrid_sparse.set_panel(4 << 20, 1024)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_tiles_and_panels_are_exact(dtype, threads):
+    """Prefill runs block-sparse tiles (fp32 with AVX-512, bf16 with AVX512-BF16; layers of 32 block-rows or
+    more) or unpacked panels and the BLAS: both exact, with partial and several token tiles, one block-row per
+    panel, k from 0 to 256, and a layer too small for the tiles."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_f, in_f, k in ((512, 80, 15), (528, 128, 0), (544, 64, 7), (512, 48, 256), (48, 80, 15)):
+            w, mask, tiers = _weight(out_f, in_f, dtype, k=k, seed=out_f + k)
+            tensors = [pack(w, mask, tiers, k).tensors[f] for f in FIELDS]
+            bias = torch.randn(out_f).to(dtype)
+            for mode, l2 in ((0, 640 << 10), (0, 0), (1, 640 << 10)):
+                torch.ops.hf_hybrid_sparse.set_prefill(mode, l2)
+                for tokens in (17, 32, 33, 100):
+                    x = torch.randn(tokens, in_f).to(dtype)
+                    _check(cpu.linear(x, tensors, bias, out_f, k), w, x, bias, dtype)
+    finally:
+        torch.ops.hf_hybrid_sparse.set_prefill(0, 640 << 10)
+        torch.set_num_threads(saved)
+
+
 def test_layer_paths_agree_and_accept_non_contiguous_input():
     w, mask, tiers = _weight(64, 96, torch.float32)
     layer = HybridSparseLinear(pack(w, mask, tiers, 15), torch.randn(64))

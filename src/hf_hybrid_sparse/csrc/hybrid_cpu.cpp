@@ -8,8 +8,10 @@
 //     several tokens per pass, or "tokens" -- the tokens sit in the lanes (x laid out once per call), every
 //     kept weight is broadcast and multiplied with the tokens of its input column. bf16 NM at 5..16 tokens
 //     reads x laid out for the 6 possible kept pairs of each group of 4 (no permute).
-//   * more tokens (prefill): panels of block-rows (at least 1024 rows, see PanelSize) are unpacked into a
-//     reused buffer that feeds the BLAS GEMM (at::mm); no layer keeps a dense copy.
+//   * more tokens (prefill), fp32 and bf16 with AVX-512: a block-sparse GEMM over tiles of 16 tokens that
+//     skips the TOPK blocks' dense work (see prefill_tiles); fp16, the portable build and the layers where the
+//     tiles measured slower: panels of block-rows (at least 1024 rows, see PanelSize) unpacked into a reused
+//     buffer that feeds the BLAS GEMM (at::mm). No layer keeps a dense copy.
 // Each packed byte is read once (prefetched a few blocks ahead for 2..16 tokens); accumulation is in fp32 for every dtype
 // (fp32, bf16, fp16 weights and activations of the same dtype). Decode work is split over threads by bytes,
 // not by block-rows. Loops over an array of accumulator registers are unrolled everywhere: GCC otherwise
@@ -845,6 +847,28 @@ inline void zero_tile(T* tile, int64_t ld) {
   for (int i = 0; i < BS; ++i) std::memset(static_cast<void*>(tile + i * ld), 0, sizeof(T) * BS);
 }
 
+// One NM block (values v, positions id) as a dense 16x16 tile at dst with row stride ld, zeros included.
+template <typename T>
+inline void nm_tile(const T* v, const uint8_t* id, T* dst, int64_t ld) {
+  for (int i = 0; i < BS; ++i) {
+    const uint32_t u = uint32_t(id[2 * i]) | (uint32_t(id[2 * i + 1]) << 8);
+#if HS_AVX512 && defined(__AVX512VBMI2__)
+    // positions ascend within each group (canonical packing): expand the 8 values into the kept lanes
+    const __mmask16 lanes = __mmask16(nm_lanes(u));
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(dst + i * ld, _mm512_maskz_expand_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(v + i * NM_VALS))));
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i * NM_VALS));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * ld), _mm256_maskz_expand_epi16(lanes, _mm256_castsi128_si256(h)));
+    }
+#else
+    T row[BS] = {};
+    for (int k = 0; k < NM_VALS; ++k) row[(k >> 1) * 4 + ((u >> (2 * k)) & 3)] = v[i * NM_VALS + k];
+    std::memcpy(dst + i * ld, row, sizeof(row));
+#endif
+  }
+}
+
 template <typename T>
 void unpack_rows(const Packed& p, int64_t r0, int64_t r1, T* dst) {
   const T* dv = static_cast<const T*>(p.dense_vals);
@@ -863,23 +887,7 @@ void unpack_rows(const Packed& p, int64_t r0, int64_t r1, T* dst) {
         const T* v = nv + int64_t(b) * (BS * NM_VALS);
         const uint8_t* id = p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES);
         T* tile = rows + int64_t(p.nm_cols[b]) * BS;
-        for (int i = 0; i < BS; ++i) {
-          const uint32_t u = uint32_t(id[2 * i]) | (uint32_t(id[2 * i + 1]) << 8);
-#if HS_AVX512 && defined(__AVX512VBMI2__)
-          // positions ascend within each group (canonical packing): expand the 8 values into the kept lanes
-          const __mmask16 lanes = __mmask16(nm_lanes(u));
-          if constexpr (std::is_same_v<T, float>) {
-            _mm512_storeu_ps(tile + i * in, _mm512_maskz_expand_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(v + i * NM_VALS))));
-          } else {
-            const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i * NM_VALS));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + i * in), _mm256_maskz_expand_epi16(lanes, _mm256_castsi128_si256(h)));
-          }
-#else
-          T row[BS] = {};
-          for (int k = 0; k < NM_VALS; ++k) row[(k >> 1) * 4 + ((u >> (2 * k)) & 3)] = v[i * NM_VALS + k];
-          std::memcpy(tile + i * in, row, sizeof(row));
-#endif
-        }
+        nm_tile(v, id, tile, in);
       }
       for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b) {
         T* tile = rows + int64_t(p.topk_cols[b]) * BS;
@@ -984,6 +992,23 @@ void set_panel(int64_t bytes, int64_t min_rows) {
   panel_size().min_rows = std::max<int64_t>(min_rows, BS);
 }
 
+// Prefill: which path (0: the block-sparse tiles, for fp32 with AVX-512 and bf16 with AVX512-BF16; 1: unpacked
+// panels and the BLAS, as fp16 and the portable build always) and the bytes of a panel's tiles plus one tile of x (about a core's L2).
+// Settable for tests and for timing both paths in one process.
+struct PrefillSettings {
+  int64_t mode = 0;
+  int64_t l2 = int64_t(640) << 10;
+};
+PrefillSettings& prefill_settings() {
+  static PrefillSettings s;
+  return s;
+}
+void set_prefill(int64_t mode, int64_t l2_bytes) {
+  TORCH_CHECK(mode == 0 || mode == 1, "set_prefill: mode is 0 (tiles) or 1 (panels and the BLAS), got ", mode);
+  prefill_settings().mode = mode;
+  prefill_settings().l2 = std::max<int64_t>(l2_bytes, 0);
+}
+
 
 // y [n][out] in T from fp32 results, plus the bias (in T)
 template <typename T>
@@ -994,6 +1019,221 @@ void finish(const float* yf, int64_t n, int64_t out, const T* bias, T* y) {
       y[t * out + o] = static_cast<T>(v);
     }
 }
+
+#if HS_AVX512
+// -- prefill: a block-sparse GEMM that skips the TOPK blocks' dense work -----------------------------------
+// The BLAS runs near the cores' peak, so unpacked panels fed to it can at best match dense, minus the unpacking.
+// Here x is laid out per tile of 16 tokens with the tokens in the lanes (bf16: as pairs of columns), and each
+// block-row's DENSE and NM blocks are 16x16 tiles (NM expanded once per panel): 256 fp32 FMAs or 128 bf16
+// pair dot products per block and tile, one accumulator per row. TOPK blocks add their K entries alone, so
+// they cost about K/256 of a tile instead of a whole one. An NM tile costs as much as a DENSE one: skipping its
+// zero products needs a data-dependent load of x per kept weight or pair, which measured no cheaper in bf16
+// (benchmarks/bf16_prefill_probe.py).
+constexpr int PT = 16;  // tokens per tile: the lanes of one zmm
+
+// xp [tiles][words][PT]: word k of each token (a fp32 value, or a bf16 pair), a tile's tokens in the lanes;
+// padding tokens read zero
+void build_prefill_x(const int32_t* xs, int64_t n, int64_t words, int32_t* xp) {
+  const int64_t tiles = (n + PT - 1) / PT, chunk = 64, chunks = (words + chunk - 1) / chunk;
+  at::parallel_for(0, tiles * chunks, 8, [&](int64_t a, int64_t b) {
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(int(words)));
+    for (int64_t w = a; w < b; ++w) {
+      const int64_t ti = w / chunks, k0 = (w % chunks) * chunk, k1 = std::min(words, k0 + chunk);
+      const int64_t t0 = ti * PT, live = std::min<int64_t>(PT, n - t0);
+      const __mmask16 m = __mmask16((1u << live) - 1);
+      const int32_t* tb = xs + t0 * words;
+      int32_t* dst = xp + ti * words * PT;
+      for (int64_t k = k0; k < k1; ++k)
+        _mm512_store_si512(dst + k * PT, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, tb + k, 4));
+    }
+  });
+}
+
+// Prefetch of the tile PREFETCH_BLOCKS ahead and of its block column of x: the blocks of one tier sit at
+// scattered columns, where the hardware prefetcher does not follow x (a mixed layer took 1.15x the sum of its
+// tiers' shares of whole-tier layers).
+template <typename T>
+inline void prefetch_tile(const T* w, int64_t off, const int32_t* cols, int32_t b, int32_t b1, const T* xt) {
+  const int32_t a = std::min(b + PREFETCH_BLOCKS, b1 - 1);
+  prefetch<256 * sizeof(T)>(w + (int64_t(a) - off) * 256);
+  prefetch<BS * PT * sizeof(T)>(xt + int64_t(cols[a]) * BS * PT);
+}
+
+// acc[i] += the tiles [b0, b1) times x's tile; tile b is at w + (b - off) * 256 elements (16 rows of 16),
+// x's block column c at xt + c * 16 * PT elements
+template <typename T>
+inline void tiles_dot(__m512* acc, const T* w, int64_t off, const int32_t* cols, int32_t b0, int32_t b1, const T* xt);
+template <>
+inline void tiles_dot<float>(__m512* acc, const float* w, int64_t off, const int32_t* cols, int32_t b0, int32_t b1,
+                             const float* xt) {
+  for (int32_t b = b0; b < b1; ++b) {
+    const float* wb = w + (int64_t(b) - off) * 256;
+    const float* xc = xt + int64_t(cols[b]) * BS * PT;
+    prefetch_tile<float>(w, off, cols, b, b1, xt);
+#pragma GCC unroll 4
+    for (int j = 0; j < BS; ++j) {
+      const __m512 xv = _mm512_load_ps(xc + j * PT);
+#pragma GCC unroll 16
+      for (int i = 0; i < BS; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wb[i * BS + j]), xv, acc[i]);
+    }
+  }
+}
+#if HS_BF16DOT
+template <>
+inline void tiles_dot<c10::BFloat16>(__m512* acc, const c10::BFloat16* w, int64_t off, const int32_t* cols, int32_t b0,
+                                     int32_t b1, const c10::BFloat16* xt) {
+  for (int32_t b = b0; b < b1; ++b) {
+    const uint32_t* wb = reinterpret_cast<const uint32_t*>(w + (int64_t(b) - off) * 256);  // 16 rows of 8 pairs
+    const uint32_t* xc = reinterpret_cast<const uint32_t*>(xt + int64_t(cols[b]) * BS * PT);  // 8 pairs of PT
+    prefetch_tile<c10::BFloat16>(w, off, cols, b, b1, xt);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const __m512bh xv = (__m512bh)_mm512_load_si512(xc + k * PT);
+#pragma GCC unroll 16
+      for (int i = 0; i < BS; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(wb[i * 8 + k])), xv);
+    }
+  }
+}
+#endif
+
+// A block-row's TOPK entries for the tiles: step s holds one entry of each of the 16 rows (a weight of 0 where a
+// row has fewer), so the 16 accumulators take one independent product each per step. Added through memory
+// instead, entries of one row chained through store-to-load forwarding: a layer of TOPK blocks took 1.4x the
+// whole dense GEMM.
+struct TopkStep {
+  int32_t off[BS];  // x's tile: the entry's column (fp32) or the pair holding it (bf16), in 32-bit words
+  uint32_t w[BS];   // fp32 bits, or a bf16 pair with the weight in the column's half and 0 in the other
+};
+
+// Appends block-row r's steps to `steps`; returns how many.
+template <typename T>
+int64_t topk_steps(const Packed& p, int64_t r, std::vector<TopkStep>& steps) {
+  const T* tv = static_cast<const T*>(p.topk_vals);
+  const int64_t K = p.topk;
+  int count[BS] = {};
+  for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b)
+    for (int64_t q = 0; q < K; ++q) count[p.topk_pos[int64_t(b) * K + q] >> 4] += 1;
+  const int64_t len = *std::max_element(count, count + BS), start = int64_t(steps.size());
+  steps.resize(start + len, TopkStep{});
+  int filled[BS] = {};
+  for (int32_t b = p.topk_ptr[r]; b < p.topk_ptr[r + 1]; ++b) {
+    const int64_t c0 = int64_t(p.topk_cols[b]) * BS;
+    for (int64_t q = 0; q < K; ++q) {
+      const uint8_t pos = p.topk_pos[int64_t(b) * K + q];
+      const int i = pos >> 4;
+      const int64_t c = c0 + (pos & 15);
+      TopkStep& s = steps[start + filled[i]++];
+      const T v = tv[int64_t(b) * K + q];
+      if constexpr (std::is_same_v<T, float>) {
+        s.off[i] = int32_t(c * PT);
+        std::memcpy(&s.w[i], &v, 4);
+      } else {
+        uint16_t h;
+        std::memcpy(&h, &v, 2);
+        s.off[i] = int32_t((c >> 1) * PT);
+        s.w[i] = uint32_t(h) << (16 * (c & 1));
+      }
+    }
+  }
+  return len;
+}
+
+template <typename T>
+inline void topk_dot(__m512* acc, const TopkStep* s, int64_t len, const T* xt) {
+  const int32_t* x = reinterpret_cast<const int32_t*>(xt);
+  for (int64_t e = 0; e < len; ++e) {
+#pragma GCC unroll 16
+    for (int i = 0; i < BS; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        acc[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_set1_epi32(int(s[e].w[i]))),
+                                 _mm512_castsi512_ps(_mm512_load_si512(x + s[e].off[i])), acc[i]);
+      } else {
+#if HS_BF16DOT
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(s[e].w[i])), (__m512bh)_mm512_load_si512(x + s[e].off[i]));
+#endif
+      }
+    }
+  }
+}
+
+template <typename T> inline void store16(T* p, __m512 v);
+template <> inline void store16<float>(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
+  // round to nearest even, as c10's conversion (NaN stays NaN)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i h = _mm512_srli_epi32(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
+}
+
+// y [n][out] for more than 16 tokens, T = float or bf16
+template <typename T>
+void prefill_tiles(const Packed& p, const T* xs, int64_t n, const T* bias, T* y) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 2);
+  const int64_t in = p.in, out = p.out, tiles = (n + PT - 1) / PT;
+  const int64_t words = in * int64_t(sizeof(T)) / 4, tile_elems = in * PT;
+  static thread_local LineBuffer<int32_t> xbuf;
+  T* xp = reinterpret_cast<T*>(xbuf.get(tiles * words * PT));
+  build_prefill_x(reinterpret_cast<const int32_t*>(xs), n, words, reinterpret_cast<int32_t*>(xp));
+  const T* dv = static_cast<const T*>(p.dense_vals);
+  const T* nv = static_cast<const T*>(p.nm_vals);
+  // a panel's tiles and one tile of x stay in the core's L2 while every tile of x passes over the panel
+  const int64_t budget = std::max<int64_t>(0, prefill_settings().l2 - tile_elems * int64_t(sizeof(T)));
+  parallel_rows(p, sizeof(T), [&](int64_t r0, int64_t r1) {
+    static thread_local LineBuffer<T> nmbuf;
+    static thread_local std::vector<TopkStep> steps;
+    std::vector<int64_t> step0, steplen;
+    alignas(64) float C[BS * PT];
+    const __m512i col16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(PT));
+    for (int64_t r = r0; r < r1;) {
+      int64_t e = r, bytes = 0;
+      while (e < r1) {
+        // tiles, and TOPK steps of 128 bytes for about 16 entries (10 bytes an entry with the rows' spread)
+        const int64_t rb = (int64_t(p.dense_ptr[e + 1] - p.dense_ptr[e]) + (p.nm_ptr[e + 1] - p.nm_ptr[e])) * 256 * int64_t(sizeof(T)) +
+                           int64_t(p.topk_ptr[e + 1] - p.topk_ptr[e]) * p.topk * 10;
+        if (e > r && bytes + rb > budget) break;
+        bytes += rb;
+        ++e;
+      }
+      const int32_t nb0 = p.nm_ptr[r], nb1 = p.nm_ptr[e];
+      T* nmt = nmbuf.get(int64_t(nb1 - nb0) * 256);
+      for (int32_t b = nb0; b < nb1; ++b)
+        nm_tile(nv + int64_t(b) * (BS * NM_VALS), p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES), nmt + int64_t(b - nb0) * 256, BS);
+      steps.clear();
+      step0.clear();
+      steplen.clear();
+      for (int64_t rr = r; rr < e; ++rr) {
+        step0.push_back(int64_t(steps.size()));
+        steplen.push_back(topk_steps<T>(p, rr, steps));
+      }
+      for (int64_t ti = 0; ti < tiles; ++ti) {
+        const T* xt = xp + ti * tile_elems;
+        const int64_t t0 = ti * PT, live = std::min<int64_t>(PT, n - t0);
+        for (int64_t rr = r; rr < e; ++rr) {
+          __m512 acc[BS];
+#pragma GCC unroll 16
+          for (int i = 0; i < BS; ++i) acc[i] = _mm512_setzero_ps();
+          tiles_dot<T>(acc, dv, 0, p.dense_cols, p.dense_ptr[rr], p.dense_ptr[rr + 1], xt);
+          tiles_dot<T>(acc, nmt, nb0, p.nm_cols, p.nm_ptr[rr], p.nm_ptr[rr + 1], xt);
+          topk_dot<T>(acc, steps.data() + step0[rr - r], steplen[rr - r], xt);
+#pragma GCC unroll 16
+          for (int i = 0; i < BS; ++i) _mm512_store_ps(C + i * PT, acc[i]);
+          // token t's 16 outputs are column t of C
+          const __m512 bv = bias ? load16(bias + rr * BS) : _mm512_setzero_ps();
+          for (int64_t t = 0; t < live; ++t)
+            store16(y + (t0 + t) * out + rr * BS,
+                    _mm512_add_ps(_mm512_i32gather_ps(_mm512_add_epi32(col16, _mm512_set1_epi32(int(t))), C, 4), bv));
+        }
+      }
+      r = e;
+    }
+  });
+}
+#endif
 
 template <typename T>
 at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Tensor>& bias) {
@@ -1069,6 +1309,17 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
     finish<T>(yb, n, out, bs, ys);
     return y;
   }
+#if HS_AVX512
+  if constexpr (std::is_same_v<T, float> || (HS_BF16DOT && std::is_same_v<T, c10::BFloat16>)) {
+    // where the tiles measured slower than the panels (benchmarks/RESULTS.md): fewer than 32 block-rows (a
+    // fixed cost per call, 0.58-0.81x dense on SmolLM2's 192x576 and 256x576) and a tile of x over 512 KB
+    // (fp32 4096x11008: 0.94x, its x tile and one block-row's tiles overflow the L2)
+    if (prefill_settings().mode == 0 && p.out >= 32 * BS && p.in * PT * int64_t(sizeof(T)) <= (int64_t(512) << 10)) {
+      prefill_tiles<T>(p, xs, n, bs, ys);
+      return y;
+    }
+  }
+#endif
   // prefill: panels of block-rows unpacked into a reused buffer, each feeding the BLAS GEMM that writes its
   // columns of y in place
   const int64_t R = out / BS;
@@ -1193,6 +1444,7 @@ TORCH_LIBRARY(hf_hybrid_sparse, m) {
   m.def("has_avx512() -> bool", has_avx512);
   m.def("sparsegpt_chunk(Tensor(a!) w, Tensor hinv, Tensor(b!) prune, Tensor(c!) err, int n, int m, Tensor? nm_rows, Tensor? old) -> ()");
   m.def("set_panel(int bytes, int min_rows) -> ()", set_panel);
+  m.def("set_prefill(int mode, int l2_bytes) -> ()", set_prefill);
 
 }
 

@@ -1,8 +1,9 @@
 """The CPU kernel of the packed format: ``torch.ops.hf_hybrid_sparse.hybrid_linear`` / ``hybrid_unpack``.
 
 The C++ lives in ``csrc/hybrid_cpu.cpp``; :mod:`hf_hybrid_sparse.native` builds and loads it on first use
-(about a minute, cached per CPU type). The kernel reads each packed byte once for 1-16 tokens and feeds
-unpacked panels of at least 1024 rows (a reused buffer) to the BLAS for more (prefill).
+(about a minute, cached per CPU type). The kernel reads each packed byte once for 1-16 tokens; for more
+(prefill) it runs a block-sparse GEMM that skips the TOPK blocks' dense work (fp32 and bf16 with AVX-512, on
+layers of at least 512 outputs) or feeds unpacked panels of at least 1024 rows (a reused buffer) to the BLAS.
 """
 
 from __future__ import annotations
