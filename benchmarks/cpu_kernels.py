@@ -8,8 +8,9 @@ Layers: Llama-2-7B shapes (4096x4096, 11008x4096, 4096x11008) and SmolLM2-135M s
 (0.35, 0.45, 0.20) with 15/256 TOPK, for 1 / 4 / 16 / 512 tokens, fp32 and bf16. In one process, the
 candidates interleaved round by round; every call uses the next of enough weight copies that together they
 exceed the L3 cache several times, so no candidate finds its weight cached. Medians with the interquartile
-range. End to end: greedy `generate` (128 new tokens after a 32-token prompt) of SmolLM2 and of a
-4-layer Llama-2-7B-shaped model with random weights, dense vs hybrid-pruned (magnitude) and converted,
+range. Above 16 tokens `hybrid_panels` times the kernel's other prefill path (unpacked panels and the
+BLAS) beside the default block-sparse tiles. End to end: greedy `generate` (128 new tokens after a
+32-token prompt) of SmolLM2 and of a 4-layer Llama-2-7B-shaped model with random weights, dense vs hybrid-pruned (magnitude) and converted,
 alternating; tokens/s, the bytes of the linear weights, and the process's resident memory.
 """
 
