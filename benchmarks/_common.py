@@ -45,6 +45,9 @@ def write_json(path: str, data: dict[str, Any]) -> None:
         json.dump(data | {"machine": machine()}, fh, indent=2)
 
 
+# the linear layers of a Llama block (SmolLM2's): LoRA's target modules in the recovery benchmarks
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 LLAMA_SHAPES = {
     "llama2-7b-shape": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32

@@ -43,7 +43,6 @@ SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 }
 L3_BYTES = 32 << 20
-PREFILL_L2 = 640 << 10  # the kernel's default
 
 
 def _hybrid(out_f: int, in_f: int, dtype: torch.dtype, seed: int):
@@ -56,11 +55,11 @@ def _hybrid(out_f: int, in_f: int, dtype: torch.dtype, seed: int):
 
 
 def _panels(x: torch.Tensor, tensors: list[torch.Tensor], out_f: int) -> torch.Tensor:
-    torch.ops.hf_hybrid_sparse.set_prefill(1, PREFILL_L2)
+    before = torch.ops.hf_hybrid_sparse.set_prefill(1)
     try:
         return cpu.linear(x, tensors, None, out_f, 15)
     finally:
-        torch.ops.hf_hybrid_sparse.set_prefill(0, PREFILL_L2)
+        torch.ops.hf_hybrid_sparse.set_prefill(*before)
 
 
 def _candidates(w: torch.Tensor, tensors: list[torch.Tensor]):

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, out, smollm2_perplexity, train
+from _common import LLAMA_PROJECTIONS, machine, out, smollm2_perplexity, train
 from peft import LoraConfig
 from transformers.utils import logging as hf_logging
 
@@ -51,7 +51,6 @@ from hf_hybrid_sparse.models import load_model_and_tokenizer
 from hf_hybrid_sparse.training.progressive import ProgressiveSettings, run_progressive
 from hf_hybrid_sparse.training.schedule import Iteration
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCHEDULE = [(0.7, 0.3, 0.0), (0.5, 0.4, 0.1), (0.35, 0.45, 0.2)]
 
 
@@ -193,7 +192,8 @@ def main() -> None:
         subset = data.select(range(min(len(data), steps * args.batch)))
         if args.lora_r:
             pruned = get_sparse_peft_model(
-                pruned, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=PROJECTIONS)
+                pruned,
+                LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=LLAMA_PROJECTIONS),
             )
         seconds = train(pruned, subset, steps, args.batch, args.lr, kd_kwargs if kd else {}, **sched)
         if args.lora_r:

@@ -14,7 +14,7 @@ import argparse
 import copy
 import json
 
-from _common import out, smollm2_perplexity, train, write_json
+from _common import LLAMA_PROJECTIONS, out, smollm2_perplexity, train, write_json
 from peft import LoraConfig
 from transformers.utils import logging as hf_logging
 
@@ -61,7 +61,7 @@ def main() -> None:
         LoraConfig(
             r=16,
             lora_alpha=32,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            target_modules=LLAMA_PROJECTIONS,
         ),
     )
     seconds = train(lora_model, data, args.steps, args.batch, 5e-4)

@@ -81,11 +81,11 @@ def test_prefill_split_into_many_panels_is_exact():
     packed = pack(w, mask, tiers, 15)
     tensors = [packed.tensors[f] for f in FIELDS]
     x = torch.randn(40, 80)
+    before = torch.ops.hf_hybrid_sparse.set_panel(4096, 16)
     try:
-        torch.ops.hf_hybrid_sparse.set_panel(4096, 16)
         _check(cpu.linear(x, tensors, None, 96, 15), w, x, None, torch.float32)
     finally:
-        torch.ops.hf_hybrid_sparse.set_panel(4 << 20, 1024)
+        torch.ops.hf_hybrid_sparse.set_panel(*before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,18 +96,19 @@ def test_prefill_tiles_and_panels_are_exact(dtype, threads):
     panel, k from 0 to 256, and a layer too small for the tiles."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
+    before = torch.ops.hf_hybrid_sparse.set_prefill(0)
     try:
         for out_f, in_f, k in ((512, 80, 15), (528, 128, 0), (544, 64, 7), (512, 48, 256), (48, 80, 15)):
             w, mask, tiers = _weight(out_f, in_f, dtype, k=k, seed=out_f + k)
             tensors = [pack(w, mask, tiers, k).tensors[f] for f in FIELDS]
             bias = torch.randn(out_f).to(dtype)
-            for mode, l2 in ((0, 640 << 10), (0, 0), (1, 640 << 10)):
+            for mode, l2 in ((0, before[1]), (0, 0), (1, before[1])):
                 torch.ops.hf_hybrid_sparse.set_prefill(mode, l2)
                 for tokens in (17, 32, 33, 100):
                     x = torch.randn(tokens, in_f).to(dtype)
                     _check(cpu.linear(x, tensors, bias, out_f, k), w, x, bias, dtype)
     finally:
-        torch.ops.hf_hybrid_sparse.set_prefill(0, 640 << 10)
+        torch.ops.hf_hybrid_sparse.set_prefill(*before)
         torch.set_num_threads(saved)
 
 

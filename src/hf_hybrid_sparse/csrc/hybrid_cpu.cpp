@@ -140,10 +140,11 @@ std::vector<int64_t> split_rows(const Packed& p, int64_t elem, int parts) {
   return bounds;
 }
 
+// `passes`: how many times the body reads the weight (prefill: once per tile of tokens).
 template <typename F>
-void parallel_rows(const Packed& p, int64_t elem, F&& body) {
-  // a thread per ~64 KiB of packed weight at least: waking threads costs more than small layers take
-  const int64_t bytes = int64_t(p.dense_ptr[p.out / BS]) * 256 * elem + int64_t(p.nm_ptr[p.out / BS]) * 128 * elem;
+void parallel_rows(const Packed& p, int64_t elem, F&& body, int64_t passes = 1) {
+  // a thread per ~64 KiB of packed weight read at least: waking threads costs more than small layers take
+  const int64_t bytes = (int64_t(p.dense_ptr[p.out / BS]) * 256 * elem + int64_t(p.nm_ptr[p.out / BS]) * 128 * elem) * passes;
   const int threads = std::max(1, at::get_num_threads());
   const int parts = static_cast<int>(std::min<int64_t>({int64_t(threads), p.out / BS, std::max<int64_t>(1, bytes >> 16)}));
   if (parts <= 1) {
@@ -476,29 +477,8 @@ inline void nm_tokens(const Packed& p, int64_t r, const float* xt, Res& res) {
 }
 #endif
 
-#if HS_AVX512 && defined(__AVX512BF16__)
-#define HS_BF16DOT 1
-// bf16 pair dot products with L tokens in the lanes of one register (16 in a zmm, 8 in a ymm)
-template <int L> struct BfDot;
-template <> struct BfDot<16> {
-  using V = __m512;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V dot(V acc, uint32_t w, const uint16_t* x) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(int(w)), (__m512bh)_mm512_loadu_si512(x));
-  }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-};
-template <> struct BfDot<8> {
-  using V = __m256;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V dot(V acc, uint32_t w, const uint16_t* x) {
-    return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_set1_epi32(int(w)),
-                            (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-  }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-};
-
-// 32-bit integer lanes, one per token (16 in a zmm, 8 in a ymm)
+#if HS_AVX512
+// 32-bit integer lanes, one per token (16 in a zmm, 8 in a ymm): the bf16 decode layouts and the prefill tiles
 template <int L> struct U32Lanes;
 template <> struct U32Lanes<16> {
   using V = __m512i;
@@ -530,6 +510,29 @@ template <> struct U32Lanes<8> {
   static V high(V v) { return _mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))); }
   static V low_of_a_high_of_b(V a, V b) { return _mm256_mask_blend_epi16(__mmask16(0xAAAA), a, b); }
   static void store(void* p, V v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+#endif
+
+#if HS_AVX512 && defined(__AVX512BF16__)
+#define HS_BF16DOT 1
+// bf16 pair dot products with L tokens in the lanes of one register (16 in a zmm, 8 in a ymm)
+template <int L> struct BfDot;
+template <> struct BfDot<16> {
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V dot(V acc, uint32_t w, const uint16_t* x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(int(w)), (__m512bh)_mm512_loadu_si512(x));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+template <> struct BfDot<8> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V dot(V acc, uint32_t w, const uint16_t* x) {
+    return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_set1_epi32(int(w)),
+                            (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
 
 // The token layouts of n (<= L) bf16 rows x [n][in] for groups [g0, g1) of 4 inputs: xp [in/2][L] and
@@ -987,9 +990,12 @@ PanelSize& panel_size() {
   return s;
 }
 
-void set_panel(int64_t bytes, int64_t min_rows) {
+// returns the settings it replaces, so that a caller can put them back
+std::vector<int64_t> set_panel(int64_t bytes, int64_t min_rows) {
+  const std::vector<int64_t> before{panel_size().bytes, panel_size().min_rows};
   panel_size().bytes = std::max<int64_t>(bytes, 4096);
   panel_size().min_rows = std::max<int64_t>(min_rows, BS);
+  return before;
 }
 
 // Prefill: which path (0: the block-sparse tiles, for fp32 with AVX-512 and bf16 with AVX512-BF16; 1: unpacked
@@ -1003,10 +1009,13 @@ PrefillSettings& prefill_settings() {
   static PrefillSettings s;
   return s;
 }
-void set_prefill(int64_t mode, int64_t l2_bytes) {
+// returns the settings it replaces; l2_bytes < 0 keeps the current budget
+std::vector<int64_t> set_prefill(int64_t mode, int64_t l2_bytes) {
   TORCH_CHECK(mode == 0 || mode == 1, "set_prefill: mode is 0 (tiles) or 1 (panels and the BLAS), got ", mode);
+  const std::vector<int64_t> before{prefill_settings().mode, prefill_settings().l2};
   prefill_settings().mode = mode;
-  prefill_settings().l2 = std::max<int64_t>(l2_bytes, 0);
+  if (l2_bytes >= 0) prefill_settings().l2 = l2_bytes;
+  return before;
 }
 
 
@@ -1036,8 +1045,8 @@ constexpr int PT = 16;  // tokens per tile: the lanes of one zmm
 void build_prefill_x(const int32_t* xs, int64_t n, int64_t words, int32_t* xp) {
   const int64_t tiles = (n + PT - 1) / PT, chunk = 64, chunks = (words + chunk - 1) / chunk;
   at::parallel_for(0, tiles * chunks, 8, [&](int64_t a, int64_t b) {
-    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(int(words)));
+    using U = U32Lanes<PT>;
+    const U::V lane = U::tokens(words);
     for (int64_t w = a; w < b; ++w) {
       const int64_t ti = w / chunks, k0 = (w % chunks) * chunk, k1 = std::min(words, k0 + chunk);
       const int64_t t0 = ti * PT, live = std::min<int64_t>(PT, n - t0);
@@ -1045,7 +1054,7 @@ void build_prefill_x(const int32_t* xs, int64_t n, int64_t words, int32_t* xp) {
       const int32_t* tb = xs + t0 * words;
       int32_t* dst = xp + ti * words * PT;
       for (int64_t k = k0; k < k1; ++k)
-        _mm512_store_si512(dst + k * PT, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lane, tb + k, 4));
+        U::store(dst + k * PT, U::gather(lane, tb + k, m));
     }
   });
 }
@@ -1107,9 +1116,9 @@ struct TopkStep {
   uint32_t w[BS];   // fp32 bits, or a bf16 pair with the weight in the column's half and 0 in the other
 };
 
-// Appends block-row r's steps to `steps`; returns how many.
+// Appends block-row r's steps to `steps`.
 template <typename T>
-int64_t topk_steps(const Packed& p, int64_t r, std::vector<TopkStep>& steps) {
+void topk_steps(const Packed& p, int64_t r, std::vector<TopkStep>& steps) {
   const T* tv = static_cast<const T*>(p.topk_vals);
   const int64_t K = p.topk;
   int count[BS] = {};
@@ -1137,11 +1146,11 @@ int64_t topk_steps(const Packed& p, int64_t r, std::vector<TopkStep>& steps) {
       }
     }
   }
-  return len;
 }
 
 template <typename T>
 inline void topk_dot(__m512* acc, const TopkStep* s, int64_t len, const T* xt) {
+  static_assert(std::is_same_v<T, float> || HS_BF16DOT, "bf16 tiles need AVX512-BF16");
   const int32_t* x = reinterpret_cast<const int32_t*>(xt);
   for (int64_t e = 0; e < len; ++e) {
 #pragma GCC unroll 16
@@ -1185,10 +1194,9 @@ void prefill_tiles(const Packed& p, const T* xs, int64_t n, const T* bias, T* y)
   parallel_rows(p, sizeof(T), [&](int64_t r0, int64_t r1) {
     static thread_local LineBuffer<T> nmbuf;
     static thread_local std::vector<TopkStep> steps;
-    std::vector<int64_t> step0, steplen;
+    std::vector<int64_t> step0;  // block-row r + k's steps: [step0[k], step0[k + 1])
     alignas(64) float C[BS * PT];
-    const __m512i col16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(PT));
+    const __m512i col16 = U32Lanes<PT>::tokens(PT);
     for (int64_t r = r0; r < r1;) {
       int64_t e = r, bytes = 0;
       while (e < r1) {
@@ -1204,11 +1212,10 @@ void prefill_tiles(const Packed& p, const T* xs, int64_t n, const T* bias, T* y)
       for (int32_t b = nb0; b < nb1; ++b)
         nm_tile(nv + int64_t(b) * (BS * NM_VALS), p.nm_idx + int64_t(b) * (BS * NM_IDX_BYTES), nmt + int64_t(b - nb0) * 256, BS);
       steps.clear();
-      step0.clear();
-      steplen.clear();
+      step0.assign(1, 0);
       for (int64_t rr = r; rr < e; ++rr) {
+        topk_steps<T>(p, rr, steps);
         step0.push_back(int64_t(steps.size()));
-        steplen.push_back(topk_steps<T>(p, rr, steps));
       }
       for (int64_t ti = 0; ti < tiles; ++ti) {
         const T* xt = xp + ti * tile_elems;
@@ -1219,19 +1226,19 @@ void prefill_tiles(const Packed& p, const T* xs, int64_t n, const T* bias, T* y)
           for (int i = 0; i < BS; ++i) acc[i] = _mm512_setzero_ps();
           tiles_dot<T>(acc, dv, 0, p.dense_cols, p.dense_ptr[rr], p.dense_ptr[rr + 1], xt);
           tiles_dot<T>(acc, nmt, nb0, p.nm_cols, p.nm_ptr[rr], p.nm_ptr[rr + 1], xt);
-          topk_dot<T>(acc, steps.data() + step0[rr - r], steplen[rr - r], xt);
+          topk_dot<T>(acc, steps.data() + step0[rr - r], step0[rr - r + 1] - step0[rr - r], xt);
 #pragma GCC unroll 16
           for (int i = 0; i < BS; ++i) _mm512_store_ps(C + i * PT, acc[i]);
           // token t's 16 outputs are column t of C
           const __m512 bv = bias ? load16(bias + rr * BS) : _mm512_setzero_ps();
           for (int64_t t = 0; t < live; ++t)
             store16(y + (t0 + t) * out + rr * BS,
-                    _mm512_add_ps(_mm512_i32gather_ps(_mm512_add_epi32(col16, _mm512_set1_epi32(int(t))), C, 4), bv));
+                    _mm512_add_ps(_mm512_i32gather_ps(U32Lanes<PT>::add(col16, t), C, 4), bv));
         }
       }
       r = e;
     }
-  });
+  }, tiles);
 }
 #endif
 
@@ -1311,9 +1318,9 @@ at::Tensor run(const at::Tensor& x, const Packed& p, const c10::optional<at::Ten
   }
 #if HS_AVX512
   if constexpr (std::is_same_v<T, float> || (HS_BF16DOT && std::is_same_v<T, c10::BFloat16>)) {
-    // where the tiles measured slower than the panels (benchmarks/RESULTS.md): fewer than 32 block-rows (a
-    // fixed cost per call, 0.58-0.81x dense on SmolLM2's 192x576 and 256x576) and a tile of x over 512 KB
-    // (fp32 4096x11008: 0.94x, its x tile and one block-row's tiles overflow the L2)
+    // where the tiles measured slower than the panels (benchmarks/RESULTS.md): fewer than 32 block-rows
+    // (SmolLM2's 192x576 and 256x576 in bf16 at 0.65-0.73x dense; fp32 1.01-1.07x, panels 0.98x) and a tile
+    // of x over 512 KB (fp32 4096x11008: 0.94x, its x tile and one block-row's tiles overflow the L2)
     if (prefill_settings().mode == 0 && p.out >= 32 * BS && p.in * PT * int64_t(sizeof(T)) <= (int64_t(512) << 10)) {
       prefill_tiles<T>(p, xs, n, bs, ys);
       return y;
@@ -1443,8 +1450,8 @@ TORCH_LIBRARY(hf_hybrid_sparse, m) {
   m.def("hybrid_unpack(Tensor[] packed, int out_features, int in_features, int topk) -> Tensor");
   m.def("has_avx512() -> bool", has_avx512);
   m.def("sparsegpt_chunk(Tensor(a!) w, Tensor hinv, Tensor(b!) prune, Tensor(c!) err, int n, int m, Tensor? nm_rows, Tensor? old) -> ()");
-  m.def("set_panel(int bytes, int min_rows) -> ()", set_panel);
-  m.def("set_prefill(int mode, int l2_bytes) -> ()", set_prefill);
+  m.def("set_panel(int bytes, int min_rows) -> int[]", set_panel);
+  m.def("set_prefill(int mode, int l2_bytes=-1) -> int[]", set_prefill);
 
 }
 
